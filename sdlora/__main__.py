@@ -1,0 +1,3 @@
+from sdlora.cli import main
+
+raise SystemExit(main())

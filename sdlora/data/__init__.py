@@ -1,0 +1,21 @@
+"""Training data: folders of images and captions, image loading, aspect-ratio buckets."""
+
+from sdlora.data.buckets import Bucket, assign_bucket, bucket_batches, make_buckets
+from sdlora.data.folder import IMAGE_EXTENSIONS, DataError, Item, list_images, read_caption, scan_folder
+from sdlora.data.images import ImageError, fit_to_bucket, load_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Bucket",
+    "DataError",
+    "ImageError",
+    "Item",
+    "assign_bucket",
+    "bucket_batches",
+    "fit_to_bucket",
+    "list_images",
+    "load_image",
+    "make_buckets",
+    "read_caption",
+    "scan_folder",
+]

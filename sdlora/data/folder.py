@@ -1,0 +1,91 @@
+"""Finding training images and their captions in a folder.
+
+Supports kohya's convention: sub-folders named `N_words` (e.g. `10_sks dog`) repeat their images
+N times per epoch and use `words` as the prompt for images without a caption.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlora.data.images import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+
+
+class DataError(ValueError):
+    """The training data can't be used; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One training image: where it is, what it shows, and how often it is seen per epoch."""
+
+    path: Path
+    caption: str
+    repeats: int = 1
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted for a stable order."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def read_caption(image_path: Path) -> str | None:
+    """The same-name .txt caption, decoded whatever its encoding (BOMs, UTF-16, Latin-1)."""
+    caption_path = image_path.with_suffix(".txt")
+    if not caption_path.is_file():
+        return None
+    raw = caption_path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        text = raw.decode("utf-16")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    text = " ".join(text.replace("\x00", "").split())
+    return text or None
+
+
+def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = True) -> list[Item]:
+    """Every usable image under `root` with its caption and repeat count.
+
+    Images that can't be decoded are skipped with a warning naming the file; a folder with no
+    usable image at all raises `DataError` (before any model is loaded).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder.")
+    groups: list[tuple[Path, int, str | None]] = [(root, 1, prompt)]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = _KOHYA_DIR.match(sub.name)
+        if match:
+            groups.append((sub, int(match.group(1)), match.group(2).strip()))
+    items: list[Item] = []
+    for folder, repeats, default_prompt in groups:
+        if repeats == 0:
+            continue
+        for path in list_images(folder):
+            if check_images:
+                try:
+                    load_image(path)
+                except ImageError as error:
+                    log.warning("Skipping %s", error)
+                    continue
+            caption = read_caption(path) or default_prompt or prompt
+            if not caption:
+                raise DataError(f"{path} has no caption (.txt) and no --prompt was given to use instead.")
+            items.append(Item(path, caption, repeats))
+    if not items:
+        raise DataError(
+            f"No usable images in {root}: expected {', '.join(IMAGE_EXTENSIONS)} files "
+            "(directly inside, or in kohya-style 'N_words' sub-folders)."
+        )
+    return items

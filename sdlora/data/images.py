@@ -1,0 +1,66 @@
+"""Opening user images safely and fitting them to a bucket."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from sdlora.data.buckets import Bucket
+
+# Refuse decompression bombs outright rather than only warning (PIL's default warns at ~89 Mpx).
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An image file can't be used; the message names the file and the reason."""
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB: EXIF-rotated, transparency composited on white, first frame of animations."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise ImageError(f"{path}: {image.width}x{image.height} is too large to train on.")
+                image.seek(0)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _to_rgb(image)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({error}).") from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ImageError(f"{path}: can't be read as an image ({error}).") from error
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
+    """Resize so the image covers the bucket, then crop the overflow evenly from both sides.
+
+    The bucket was chosen for its aspect ratio, so the crop is small, unlike a blind centre crop to a square.
+    """
+    scale = max(bucket.width / image.width, bucket.height / image.height)
+    size = (max(bucket.width, round(image.width * scale)), max(bucket.height, round(image.height * scale)))
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    left = (size[0] - bucket.width) // 2
+    top = (size[1] - bucket.height) // 2
+    return resized.crop((left, top, left + bucket.width, top + bucket.height))

@@ -1,0 +1,45 @@
+"""Saving generated images with their parameters, and laying them out side by side."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from sdlora.files import atomic_write_bytes
+
+MIN_SHOWN_SIDE = 128
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write a PNG atomically with its generation parameters in a `parameters` text chunk (as A1111 does)."""
+    info = PngInfo()
+    for key, value in image.info.items():
+        if isinstance(value, str):
+            info.add_text(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def image_grid(labeled: list[tuple[str, Image.Image]], columns: int | None = None) -> Image.Image:
+    """Images in a grid with a label above each; tiny images are enlarged (nearest) to stay visible."""
+    columns = columns or len(labeled)
+    first = labeled[0][1]
+    scale = max(1, MIN_SHOWN_SIDE // min(first.size))
+    cell_w, cell_h = first.width * scale, first.height * scale
+    font = ImageFont.load_default()
+    label_h = 16
+    rows = (len(labeled) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, (label, image) in enumerate(labeled):
+        x, y = (index % columns) * cell_w, (index // columns) * (cell_h + label_h)
+        draw.text((x + 3, y + 2), label, fill="black", font=font)
+        grid.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + label_h))
+    grid.info["parameters"] = "\n\n".join(
+        f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled
+    )
+    return grid

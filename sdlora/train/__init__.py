@@ -1,0 +1,6 @@
+"""Training LoRA adapters: the loop, prior preservation, checkpoints, run folders and events."""
+
+from sdlora.train.events import read_events
+from sdlora.train.loop import TrainingError, TrainResult, train
+
+__all__ = ["TrainResult", "TrainingError", "read_events", "train"]

@@ -1,0 +1,70 @@
+"""Run folders: each training run keeps its resolved config, events, samples and checkpoints together."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sdlora.config import ConfigError, TrainConfig
+from sdlora.files import atomic_write_text
+from sdlora.train.checkpoint import list_checkpoints
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    @property
+    def events(self) -> Path:
+        return self.path / "events.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    def latest_checkpoint(self) -> Path | None:
+        found = list_checkpoints(self.checkpoints)
+        return found[-1] if found else None
+
+    def write_config(self, config: TrainConfig, **resolved) -> None:
+        atomic_write_text(self.config, json.dumps({**dataclasses.asdict(config), **resolved}, indent=2))
+
+
+def new_run(runs_dir: Path, name: str) -> RunFolder:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = runs_dir / f"{name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = runs_dir / f"{name}-{stamp}-{suffix}"
+    path.mkdir(parents=True)
+    return RunFolder(path)
+
+
+def find_run_to_resume(runs_dir: Path, name: str, resume: str) -> RunFolder:
+    """`resume` is 'latest' (the newest run of this adapter name with a checkpoint) or a run folder."""
+    if resume != "latest":
+        run = RunFolder(Path(resume))
+        if run.latest_checkpoint() is None:
+            raise ConfigError(f"--resume {resume}: no checkpoint in that run folder.")
+        return run
+    pattern = re.compile(rf"^{re.escape(name)}-\d{{8}}-\d{{6}}(-\d+)?$")
+    candidates = sorted(
+        (p for p in runs_dir.glob("*") if p.is_dir() and pattern.match(p.name)), key=lambda p: p.name, reverse=True
+    )
+    for path in candidates:
+        if RunFolder(path).latest_checkpoint() is not None:
+            return RunFolder(path)
+    raise ConfigError(f"--resume latest: no run of {name!r} with a checkpoint under {runs_dir}.")
