@@ -46,7 +46,7 @@ def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) ->
     """
     spec = resolve_base(spec)
     path = Path(spec).expanduser()
-    common = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(f"{path} is a folder but not a diffusers pipeline (no model_index.json).")
@@ -78,7 +78,7 @@ def _load_single_file(path: Path, common: dict) -> DiffusionPipeline:
         try:
             from diffusers import StableDiffusionXLPipeline
 
-            return StableDiffusionXLPipeline.from_single_file(str(path), torch_dtype=common["torch_dtype"])
+            return StableDiffusionXLPipeline.from_single_file(str(path), dtype=common["dtype"])
         except Exception:  # noqa: BLE001
             raise BaseModelError(
                 f"Could not load the single-file checkpoint {path} as Stable Diffusion 1.x/2.x or SDXL: {first_error}"

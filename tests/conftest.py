@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny random base saved as a diffusers folder, small image folders, trained adapters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network anywhere in the tests
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+from tests.tiny_models import save_tiny_pipeline  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> str:
+    """A random SD-1.x-shaped pipeline (16 px) saved as a diffusers folder: every real loading path, in seconds."""
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("bases") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_base(tmp_path_factory) -> str:
+    """The same with a v-prediction scheduler, as SD 2.x uses."""
+    return str(save_tiny_pipeline(tmp_path_factory.mktemp("bases") / "tiny-sd-v", prediction_type="v_prediction"))
+
+
+def draw_blob(path: Path, size: tuple[int, int], colour: tuple[int, int, int], caption: str | None = None) -> Path:
+    image = Image.new("RGB", size, "white")
+    w, h = size
+    ImageDraw.Draw(image).ellipse((w * 0.2, h * 0.2, w * 0.8, h * 0.8), fill=colour)
+    image.save(path)
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption)
+    return path
+
+
+@pytest.fixture
+def blob_folder(tmp_path) -> Path:
+    """Four small images, one wide, one captioned."""
+    folder = tmp_path / "blobs"
+    folder.mkdir()
+    draw_blob(folder / "a.png", (32, 32), (200, 0, 200), caption="a sks blob on a white background")
+    draw_blob(folder / "b.png", (32, 32), (180, 0, 220))
+    draw_blob(folder / "c.jpg", (48, 24), (220, 0, 180))
+    draw_blob(folder / "d.png", (24, 24), (190, 10, 200))
+    return folder
+
+
+def train_config(data_dir: Path, base: str, outputs: Path, **overrides):
+    """A quick CPU training config on the tiny base."""
+    from sdlora.config import TrainConfig
+
+    values = dict(data_dir=str(data_dir), prompt="a photo of sks blob", base=base, steps=4, rank=4, lr=1e-3,
+                  outputs=str(outputs))
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -1,0 +1,96 @@
+"""Generation: stacked adapters, comparisons and sweeps with one seed, parameters in the PNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlora.adapters import AdapterError
+from sdlora.generate import GenerationParams, Generator, image_grid, save_png
+from sdlora.train import train
+from tests.conftest import draw_blob, train_config
+
+PARAMS = GenerationParams("a photo of sks blob", seed=7, steps=4, guidance=3.0)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_base, tmp_path_factory) -> tuple[str, str]:
+    """Two adapters trained on different data with a high learning rate, so each visibly moves the output."""
+    root = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for name, colour in (("purple", (200, 0, 200)), ("green", (0, 200, 0))):
+        folder = root / name
+        folder.mkdir()
+        for i in range(3):
+            draw_blob(folder / f"{i}.png", (16, 16), colour)
+        result = train(train_config(folder, tiny_base, root / "out", steps=6, lr=5e-3, name=name, seed=len(paths)))
+        paths.append(str(result.adapter))
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_base, two_adapters) -> Generator:
+    generator = Generator(tiny_base)
+    for path in two_adapters:
+        generator.load_adapter(path)
+    return generator
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_adapters_get_descriptive_names(generator):
+    assert sorted(generator.adapters) == ["lora_green", "lora_purple"]
+
+
+def test_an_adapter_changes_the_image_and_the_base_comes_back(generator):
+    base = generator.generate(PARAMS)
+    adapted = generator.generate(PARAMS, {"lora_purple": 1.0})
+    assert np.abs(pixels(base) - pixels(adapted)).mean() > 1.0
+    assert np.array_equal(pixels(base), pixels(generator.generate(PARAMS)))  # disabling restores the base
+
+
+def test_weights_one_and_zero_equal_the_first_alone(generator):
+    alone = generator.generate(PARAMS, {"lora_purple": 1.0})
+    stacked = generator.generate(PARAMS, {"lora_purple": 1.0, "lora_green": 0.0})
+    assert np.abs(pixels(alone) - pixels(stacked)).max() <= 1
+
+
+def test_compare_and_sweep(generator):
+    weights = {"lora_purple": 0.8, "lora_green": 0.6}
+    compared = generator.compare(PARAMS, weights)
+    assert [label for label, _ in compared] == ["base", "purple 0.8", "green 0.6", "mix"]
+    assert np.array_equal(pixels(compared[1][1]), pixels(generator.generate(PARAMS, {"lora_purple": 0.8})))
+    swept = generator.sweep(PARAMS, "lora_purple", [0.0, 1.0])
+    assert [label for label, _ in swept] == ["purple 0", "purple 1"]
+    assert np.array_equal(pixels(swept[0][1]), pixels(compared[0][1]))  # weight 0 is the base
+    grid = image_grid(compared)
+    assert grid.width == 4 * max(128, compared[0][1].width)
+
+
+def test_png_carries_its_parameters(generator, tmp_path):
+    image = generator.generate(GenerationParams("a blob", negative_prompt="blurry", seed=3, steps=2,
+                                                scheduler="euler-a"), {"lora_green": 0.5})
+    path = save_png(image, tmp_path / "x.png")
+    text = Image.open(path).info["parameters"]
+    assert text.startswith("a blob\nNegative prompt: blurry\n")
+    assert "Steps: 2" in text and "Sampler: Euler a" in text and "Seed: 3" in text and "Lora: green:0.5" in text
+
+
+@pytest.mark.parametrize("scheduler", ["dpm++", "euler-a", "ddim"])
+def test_schedulers_are_seeded(generator, scheduler):
+    params = GenerationParams("a blob", seed=5, steps=3, scheduler=scheduler)
+    assert np.array_equal(pixels(generator.generate(params)), pixels(generator.generate(params)))
+
+
+def test_only_safetensors_adapters_load(generator, tmp_path):
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"not loaded")
+    with pytest.raises(AdapterError, match="only .safetensors"):
+        generator.load_adapter(pickle)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\xff" * 64)
+    with pytest.raises(AdapterError, match="broken.safetensors"):
+        generator.load_adapter(broken)

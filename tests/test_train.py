@@ -1,0 +1,142 @@
+"""The trainer: adapters that change the model, reload identically, preserve priors, resume and say what they are."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from sdlora.adapters import read_adapter, summarize
+from sdlora.config import ConfigError
+from sdlora.data import DataError
+from sdlora.train import read_events, train
+from tests.conftest import train_config
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    """The U-Net's prediction on fixed random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(2, 4, size, size, generator=g)
+    text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+
+
+def load(base: str) -> DiffusionPipeline:
+    return DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+
+
+def test_adapter_changes_the_unet_and_reloads_identically_with_alpha_not_rank(tiny_base, blob_folder, tmp_path):
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=16, save_every=4)
+    result = train(config)
+    assert result.adapter.is_file() and result.steps == 4
+
+    # The weights as they were in memory at the end of training (the final checkpoint holds exactly those).
+    checkpoint = load_file(result.run / "checkpoints" / "step-000004" / "lora.safetensors")
+    in_memory = load(tiny_base).unet
+    before = unet_output(in_memory)
+    in_memory.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    set_peft_model_state_dict(in_memory, {k.removeprefix("unet."): v for k, v in checkpoint.items()})
+    expected = unet_output(in_memory)
+    assert (expected - before).abs().max() > 1e-4, "training did not change the U-Net's output"
+
+    # Reloaded by diffusers' own loader from the adapter file: the same output, alpha 16 on rank 4 honoured.
+    pipe = load(tiny_base)
+    pipe.load_lora_weights(str(result.adapter), adapter_name="lora_trained")
+    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_metadata_round_trips(tiny_base, blob_folder, tmp_path):
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=2, steps=2, lr=5e-4,
+                          class_prompt="a photo of blob", num_class_images=2, text_encoder=True)
+    result = train(config)
+    facts = summarize(result.adapter)["facts"]
+    assert facts["rank"] == 4 and facts["alpha"] == 2.0 and facts["steps"] == 2
+    assert facts["base_model"] == tiny_base and facts["family"] == "sd1"
+    assert facts["instance_prompt"] == "a photo of sks blob" and facts["class_prompt"] == "a photo of blob"
+    assert facts["trigger_words"] == "sks"
+    assert facts["resolution"] == 16 and facts["image_count"] == 4 and facts["learning_rate"] == 5e-4
+    assert facts["text_encoder"] is True and facts["version"]
+    tensors, metadata = read_adapter(result.adapter)
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+    assert '"unet.lora_alpha": 2' in metadata["lora_adapter_metadata"]
+
+
+def test_cross_attention_only_targets_attn2(tiny_base, blob_folder, tmp_path):
+    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=1, targets="cross"))
+    keys = read_adapter(result.adapter)[0]
+    assert keys and all(".attn2." in k for k in keys)
+
+
+def test_prior_preservation_generates_then_reuses_class_images(tiny_base, blob_folder, tmp_path):
+    class_dir = tmp_path / "class"
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", steps=2, class_prompt="a photo of blob",
+                          class_dir=str(class_dir), num_class_images=3, prior_weight=0.5)
+    first = train(config)
+    made = [e for e in read_events(first.run / "events.jsonl") if e["event"] == "class_images"][0]
+    assert made["generated"] == 3 and len(list(class_dir.glob("*.png"))) == 3
+    assert (class_dir / "class-00000.txt").read_text() == "a photo of blob"
+    stamps = {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")}
+
+    second = train(config)
+    again = [e for e in read_events(second.run / "events.jsonl") if e["event"] == "class_images"][0]
+    assert again["generated"] == 0
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")}
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(tiny_base, blob_folder, tmp_path):
+    common = dict(steps=6, save_every=2, dropout=0.1, flip=True)
+    straight = train(train_config(blob_folder, tiny_base, tmp_path / "a", **common))
+
+    outputs = tmp_path / "b"
+    train(train_config(blob_folder, tiny_base, outputs, **{**common, "steps": 4}))
+    resumed = train(train_config(blob_folder, tiny_base, outputs, resume="latest", **common))
+    events = read_events(resumed.run / "events.jsonl")
+    starts = [e for e in events if e["event"] == "start"]
+    assert [s["start_step"] for s in starts] == [0, 4]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]
+
+    a, b = read_adapter(straight.adapter)[0], read_adapter(resumed.adapter)[0]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_v_prediction_base_trains(tiny_vpred_base, blob_folder, tmp_path):
+    result = train(train_config(blob_folder, tiny_vpred_base, tmp_path / "out", steps=2, snr_gamma=5.0,
+                                noise_offset=0.05))
+    assert result.final_loss == pytest.approx(result.final_loss)  # finite
+    assert summarize(result.adapter)["facts"]["family"] == "sd2"
+
+
+def test_events_and_samples(tiny_base, blob_folder, tmp_path):
+    seen = []
+    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=2, sample_every=1,
+                                sample_prompt=["a sks blob", "a blob"]), on_event=seen.append)
+    events = read_events(result.run / "events.jsonl")
+    assert [e["event"] for e in events] == [e["event"] for e in seen]
+    steps = [e for e in events if e["event"] == "step"]
+    assert {"loss", "lr", "eta_s", "elapsed_s"} <= steps[0].keys()
+    samples = [e for e in events if e["event"] == "sample"]
+    assert len(samples) == 2 and all(len(e["paths"]) == 2 for e in samples)
+    assert events[-1]["event"] == "done" and (result.run / "config.json").is_file()
+
+
+def test_no_usable_image_fails_before_loading_any_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(DataError, match="No usable images"):
+        train(train_config(tmp_path / "empty", "no/such-model", tmp_path / "out"))
+
+
+@pytest.mark.parametrize("change, option", [
+    ({"rank": 0}, "--rank"), ({"lr": -1.0}, "--lr"), ({"steps": 0}, "--steps"), ({"resolution": 30}, "--resolution"),
+    ({"prior_weight": 1.0}, "--prior-weight"),
+])
+def test_bad_options_are_named(blob_folder, tmp_path, change, option):
+    with pytest.raises(ConfigError, match=option):
+        train(train_config(blob_folder, "no/such-model", tmp_path / "out", **change))
