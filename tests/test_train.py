@@ -140,3 +140,12 @@ def test_no_usable_image_fails_before_loading_any_model(tmp_path):
 def test_bad_options_are_named(blob_folder, tmp_path, change, option):
     with pytest.raises(ConfigError, match=option):
         train(train_config(blob_folder, "no/such-model", tmp_path / "out", **change))
+
+
+def test_memory_and_schedule_options_train(tiny_base, blob_folder, tmp_path):
+    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=3, batch_size=2, grad_accum=2,
+                                gradient_checkpointing=True, lr_scheduler="cosine", warmup_steps=1,
+                                text_encoder=True, text_encoder_lr=1e-5))
+    events = read_events(result.run / "events.jsonl")
+    lrs = [e["lr"] for e in events if e["event"] == "step"]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warmed up, then decaying
