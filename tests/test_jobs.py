@@ -1,0 +1,37 @@
+"""The training queue: one job at a time, in order; cancel stops a job and keeps a checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from sdlora.config import ConfigError
+from sdlora.jobs import JobQueue, JobStatus
+from tests.conftest import train_config
+
+
+def test_jobs_run_one_at_a_time_in_order(tiny_base, blob_folder, tmp_path):
+    queue = JobQueue()
+    first = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=3, name="first"))
+    second = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "b", steps=2, name="second"))
+    queue.wait(second.id, timeout=300)
+    assert first.status is JobStatus.DONE and second.status is JobStatus.DONE
+    assert first.last("done")["time"] <= second.last("start")["time"]  # never interleaved
+    assert second.result.adapter.is_file() and first.run_dir.is_dir()
+
+
+def test_cancel_keeps_a_resumable_checkpoint(tiny_base, blob_folder, tmp_path):
+    queue = JobQueue()
+    job = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=10_000, save_every=10_000))
+    while job.last("step") is None and not job.finished:
+        time.sleep(0.05)
+    queue.cancel(job.id)
+    queue.wait(job.id, timeout=120)
+    assert job.status is JobStatus.CANCELLED
+    assert job.last("checkpoint") is not None and not job.result.adapter.exists()
+
+
+def test_bad_options_are_refused_at_submit(blob_folder, tmp_path):
+    with pytest.raises(ConfigError, match="--rank"):
+        JobQueue().submit(train_config(blob_folder, "x", tmp_path, rank=0))
