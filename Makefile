@@ -24,7 +24,7 @@ run: install
 		--out outputs/images/sks_star_compare.png
 
 lint: install
-	$(VENV)/bin/ruff check sdlora ui tests
+	$(VENV)/bin/ruff check .
 
 test: install lint
 	$(PY) -m pytest -q

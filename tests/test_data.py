@@ -46,7 +46,7 @@ def test_caption_encodings(tmp_path):
         ("un café\n".encode("utf-8-sig"), "un café"),
         ("ein Bär".encode("utf-16"), "ein Bär"),
         ("déjà vu".encode("latin-1"), "déjà vu"),
-        ("  many \n  spaces  ".encode(), "many spaces"),
+        (b"  many \n  spaces  ", "many spaces"),
     ]:
         image.with_suffix(".txt").write_bytes(raw)
         assert read_caption(image) == expected
