@@ -30,24 +30,37 @@ def load(base: str) -> DiffusionPipeline:
     return DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
 
 
-def test_adapter_changes_the_unet_and_reloads_identically_with_alpha_not_rank(tiny_base, blob_folder, tmp_path):
-    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=16, save_every=4)
+def text_output(pipe) -> torch.Tensor:
+    ids = pipe.tokenizer(["a sks blob"], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(tiny_base, blob_folder, tmp_path):
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=16, save_every=4,
+                          text_encoder=True)
     result = train(config)
     assert result.adapter.is_file() and result.steps == 4
 
     # The weights as they were in memory at the end of training (the final checkpoint holds exactly those).
     checkpoint = load_file(result.run / "checkpoints" / "step-000004" / "lora.safetensors")
-    in_memory = load(tiny_base).unet
-    before = unet_output(in_memory)
-    in_memory.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    set_peft_model_state_dict(in_memory, {k.removeprefix("unet."): v for k, v in checkpoint.items()})
-    expected = unet_output(in_memory)
-    assert (expected - before).abs().max() > 1e-4, "training did not change the U-Net's output"
+    in_memory = load(tiny_base)
+    unet_before, text_before = unet_output(in_memory.unet), text_output(in_memory)
+    for part, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+                          ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj"])):
+        model = getattr(in_memory, part)
+        model.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+        set_peft_model_state_dict(model, {k.removeprefix(f"{part}."): v for k, v in checkpoint.items()
+                                          if k.startswith(f"{part}.")})
+    unet_expected, text_expected = unet_output(in_memory.unet), text_output(in_memory)
+    assert (unet_expected - unet_before).abs().max() > 1e-4, "training did not change the U-Net's output"
+    assert (text_expected - text_before).abs().max() > 1e-4, "training did not change the text encoder"
 
-    # Reloaded by diffusers' own loader from the adapter file: the same output, alpha 16 on rank 4 honoured.
+    # Reloaded by diffusers' own loader from the adapter file: the same outputs, alpha 16 on rank 4 honoured.
     pipe = load(tiny_base)
     pipe.load_lora_weights(str(result.adapter), adapter_name="lora_trained")
-    torch.testing.assert_close(unet_output(pipe.unet), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unet_output(pipe.unet), unet_expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(text_output(pipe), text_expected, rtol=1e-5, atol=1e-5)
 
 
 def test_metadata_round_trips(tiny_base, blob_folder, tmp_path):
