@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__
+from sdlora.adapters.formats import FORMATS
 from sdlora.config import (
     OUTPUTS_DIR,
     ConfigError,
@@ -127,23 +128,69 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sdlora.adapters import summarize
 
-    summary = summarize(args.file)
+    pipe = None
+    if args.base is not None:
+        from sdlora.models import load_base
+
+        pipe = load_base(args.base or None)
+    summary = summarize(args.file, pipe)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['file']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
-          f"{summary['size_bytes'] / 1024:.1f} KiB, {'/'.join(summary['dtypes'])}")
+    print(f"{summary['file']}: {summary['format']} layout, for {summary['family']}; {summary['modules']} modules, "
+          f"{summary['parameters']:,} parameters, {summary['size_bytes'] / 1024:.1f} KiB")
     for name, part in summary["components"].items():
-        print(f"  {name}: {part['keys']} keys on {part['modules']} modules, rank {part['ranks']}")
+        print(f"  {name}: {part['modules']} modules, rank {_counts(part['ranks'])}, alpha {_counts(part['alphas'])}")
+    if args.modules:
+        for name, part in summary["components"].items():
+            for module, info in part["per_module"].items():
+                print(f"    {name}.{module}: rank {info['rank']}, alpha {info['alpha']:g}")
     if summary["facts"]:
         print("Training facts:")
         for key, value in summary["facts"].items():
             print(f"  {key}: {value}")
-    if summary["lora_config"]:
-        alphas = {k: v for k, v in summary["lora_config"].items() if k.endswith((".r", ".lora_alpha"))}
-        print("LoRA config: " + ", ".join(f"{k}={v}" for k, v in sorted(alphas.items())))
     for key, value in summary["other_metadata"].items():
         print(f"  {key}: {value if len(value) < 200 else value[:200] + '…'}")
+    fit = summary.get("compatibility")
+    if fit:
+        mapped = ", ".join(f"{k} {v}" for k, v in fit["mapped"].items())
+        print(f"Against the base ({fit['base_family']}): {'fits' if fit['ok'] else 'DOES NOT FIT'}; "
+              f"modules mapped: {mapped}; not mapped: {len(fit['unmapped'])}")
+        for line in fit["unmapped"][:20]:
+            print(f"  not mapped: {line}")
+        return 0 if fit["ok"] else 1
+    return 0
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(value if len(counts) == 1 else f"{value} (x{n})" for value, n in counts.items())
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sdlora.adapters import read_lora, write_lora
+
+    lora = read_lora(args.input)
+    out = write_lora(lora, args.output, args.to)
+    print(f"{args.input} ({lora.format}, {len(lora.modules)} modules) -> {out} ({args.to})")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from sdlora.adapters import read_lora, write_lora
+    from sdlora.adapters.merge import fuse_into_base, merge_loras
+
+    adapters = [parse_lora_arg(text) for text in args.adapters]
+    if args.into_model:
+        out = fuse_into_base(args.base, adapters, args.out)
+        print(f"Full model with {len(adapters)} adapter(s) fused: {out}")
+        return 0
+    if not args.out.endswith(".safetensors"):
+        raise ConfigError("--out must be a .safetensors file when merging LoRAs (or pass --into-model).")
+    merged, report = merge_loras([(read_lora(path), weight) for path, weight in adapters], rank=args.rank)
+    write_lora(merged, args.out, args.format)
+    how = f"SVD to rank {report.rank}" if report.rank else "concatenated ranks (exact)"
+    print(f"Merged {len(adapters)} adapters into {args.out}: {how}; relative error max "
+          f"{report.max_relative_error:.2e}, mean {report.mean_relative_error:.2e}")
     return 0
 
 
@@ -173,10 +220,31 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_arguments(generate, GenerateConfig)
     generate.set_defaults(handler=cmd_generate)
 
-    inspect = commands.add_parser("inspect", help="Show an adapter file's metadata and keys.")
-    inspect.add_argument("file", help="Adapter .safetensors file.")
+    inspect = commands.add_parser("inspect", help="What an adapter is for, its metadata, ranks and alphas; "
+                                  "with --base, whether it fits that base.")
+    inspect.add_argument("file", help="Adapter .safetensors file (any layout) or peft folder.")
+    inspect.add_argument("--base", nargs="?", const="", default=None,
+                         help="Check every module against this base (bare --base: the demo model).")
+    inspect.add_argument("--modules", action="store_true", help="List rank and alpha per module.")
     inspect.add_argument("--json", action="store_true", help="Print JSON.")
     inspect.set_defaults(handler=cmd_inspect)
+
+    convert = commands.add_parser("convert", help="Rewrite an adapter in another layout (true alpha kept).")
+    convert.add_argument("input", help="Adapter file or peft folder, any layout.")
+    convert.add_argument("--to", required=True, choices=FORMATS,
+                         help="kohya: AUTOMATIC1111/ComfyUI; diffusers: load_lora_weights; peft: a folder.")
+    convert.add_argument("output", help="Output .safetensors file (or folder for peft).")
+    convert.set_defaults(handler=cmd_convert)
+
+    merge = commands.add_parser("merge", help="Merge adapters at weights into one LoRA, or into a full model.")
+    merge.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
+    merge.add_argument("--out", required=True, help="Merged LoRA (.safetensors) or, with --into-model, a folder.")
+    merge.add_argument("--rank", type=int, default=None,
+                       help="Re-factorise to this rank by SVD (reports the error); default: concatenate ranks.")
+    merge.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers", help="Layout of the merged LoRA.")
+    merge.add_argument("--into-model", action="store_true", help="Fuse into the base and save a diffusers folder.")
+    merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
+    merge.set_defaults(handler=cmd_merge)
 
     demo = commands.add_parser("demo-model", help="The bundled demo base model.")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)

@@ -1,23 +1,38 @@
-"""LoRA adapter files: saving in diffusers' format with training facts, reading, inspecting."""
+"""LoRA adapter files: every layout in and out, training facts, inspection, compatibility, merging."""
 
 from sdlora.adapters.files import (
     AdapterError,
     AdapterFacts,
-    lora_config_metadata,
     read_adapter,
     read_metadata,
-    save_adapter,
-    summarize,
     trigger_words,
 )
+from sdlora.adapters.formats import (
+    FORMATS,
+    LoraFile,
+    LoraModule,
+    detect_format,
+    lora_from_peft,
+    read_lora,
+    write_lora,
+)
+from sdlora.adapters.inspect import Compatibility, check_compatibility, guess_family, summarize
 
 __all__ = [
+    "FORMATS",
     "AdapterError",
     "AdapterFacts",
-    "lora_config_metadata",
+    "Compatibility",
+    "LoraFile",
+    "LoraModule",
+    "check_compatibility",
+    "detect_format",
+    "guess_family",
+    "lora_from_peft",
     "read_adapter",
+    "read_lora",
     "read_metadata",
-    "save_adapter",
     "summarize",
     "trigger_words",
+    "write_lora",
 ]

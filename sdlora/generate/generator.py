@@ -16,7 +16,8 @@ from diffusers import (
 from PIL import Image
 
 import sdlora
-from sdlora.adapters import AdapterError, read_metadata
+from sdlora.adapters import AdapterError, check_compatibility, read_lora
+from sdlora.adapters.formats import diffusers_state_dict
 from sdlora.files import safe_name
 from sdlora.models import load_base, native_resolution
 
@@ -62,10 +63,17 @@ class Generator:
         return native_resolution(self.pipe)
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
-        """Load a .safetensors LoRA; returns the name to use in weights. Names are prefixed ('lora_...')
-        because short names like 'b' collide with module names in diffusers' key checks."""
+        """Load a LoRA in any layout (diffusers, kohya, peft folder); returns the name to use in weights.
+
+        Every module is checked against the base first, so a LoRA for another model family is refused
+        with an explanation instead of half-loading. Names are prefixed ('lora_...') because short names
+        like 'b' collide with module names in diffusers' key checks.
+        """
         path = Path(path)
-        read_metadata(path)  # clear error for a missing, pickled or malformed file
+        lora = read_lora(path)
+        report = check_compatibility(lora, self.pipe)
+        if not report.ok:
+            raise AdapterError(report.explain(str(path), Path(self.base_name).name or "in use"))
         name = "lora_" + safe_name(name or path.stem)
         if name in self.adapters:
             if self.adapters[name] == path.resolve():
@@ -74,10 +82,7 @@ class Generator:
             while f"{name}_{suffix}" in self.adapters:
                 suffix += 1
             name = f"{name}_{suffix}"
-        try:
-            self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise AdapterError(f"{path}: could not be loaded onto {self.base_name}: {error}") from error
+        self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
         self.adapters[name] = path.resolve()
         return name
 

@@ -6,8 +6,10 @@ parts compute, then step; the helpers below it are the pieces that the loop name
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from sdlora.adapters import AdapterFacts, save_adapter, trigger_words
+from sdlora.adapters import AdapterFacts, lora_from_peft, trigger_words, write_lora
 from sdlora.config import TrainConfig
 from sdlora.data import (
     Bucket,
@@ -258,14 +260,20 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
             class_prompt=config.class_prompt or "",
             trigger_words=trigger_words(config.prompt or "", config.class_prompt), steps=step,
             resolution=resolution, learning_rate=config.lr, image_count=len(examples),
-            text_encoder=config.text_encoder, seed=config.seed,
+            text_encoder=config.text_encoder, seed=config.seed, tag_frequency=json.dumps(tag_frequency(items)),
         )
-        save_adapter(adapter_path, unet_lora=get_peft_model_state_dict(unet_model), unet_config=unet_lora,
-                     text_encoder_lora=get_peft_model_state_dict(text_model) if text_model else None,
-                     text_encoder_config=text_lora, facts=facts)
+        parts = {"unet": (get_peft_model_state_dict(unet_model), config.lora_alpha)}
+        if text_model is not None:
+            parts["text_encoder"] = (get_peft_model_state_dict(text_model), config.lora_alpha)
+        write_lora(lora_from_peft(parts, facts.to_metadata()), adapter_path, config.adapter_format)
     elapsed = time.perf_counter() - started
     events.emit("done", step=step, adapter=str(adapter_path), loss=loss_value, elapsed_s=round(elapsed, 3))
     return TrainResult(adapter_path, run.path, step, loss_value, elapsed)
+
+
+def tag_frequency(items: list[Item]) -> dict[str, int]:
+    """How many training images carry each comma-separated caption tag (kohya's ss_tag_frequency)."""
+    return dict(Counter(tag.strip() for item in items for tag in set(item.caption.split(",")) if tag.strip()))
 
 
 def adapter_name(config: TrainConfig) -> str:

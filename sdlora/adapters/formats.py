@@ -1,0 +1,369 @@
+"""LoRA files in the three layouts people exchange, through one format-neutral form.
+
+- diffusers: `unet.<module>.lora_A.weight` / `lora_B` (older files: `lora.down`/`lora.up`,
+  `lora_linear_layer.down`/`up`), the peft LoraConfig per component in `lora_adapter_metadata`.
+- kohya (AUTOMATIC1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`,
+  `.lora_up.weight` and a scalar `.alpha` per module; `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_`
+  (SDXL) for the text encoders; kohya's `ss_*` and `modelspec.*` metadata.
+- peft: a folder with `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`) and
+  `adapter_config.json`, one per component (sub-folders `unet/`, `text_encoder/` when there are several).
+
+Every reader returns a `LoraFile`: per module its down (A) and up (B) matrices and its true alpha, so
+converting never loses alpha (diffusers' `convert_state_dict_to_kohya` writes alpha = rank).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from peft import LoraConfig
+from safetensors.torch import save as safetensors_bytes
+
+from sdlora.adapters.files import AdapterError, AdapterFacts, lora_config_metadata, read_adapter
+from sdlora.files import atomic_write_bytes, atomic_write_text
+
+FORMATS = ("diffusers", "kohya", "peft")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+# Parts of diffusers/transformers module names that contain underscores: kohya's names flatten every
+# "." to "_", so these are re-joined when reading them back.
+_COMPOUNDS = (
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
+    "final_layer_norm", "layer_norm1", "layer_norm2", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "add_k_proj", "add_v_proj",
+)
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+_KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+@dataclass
+class LoraModule:
+    down: torch.Tensor  # lora_A / lora_down: (rank, in_features)
+    up: torch.Tensor  # lora_B / lora_up: (out_features, rank)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this module adds: (alpha / rank) · up @ down."""
+        up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
+        return (self.alpha / self.rank) * up @ down
+
+
+@dataclass
+class LoraFile:
+    """An adapter independent of its layout: `component.module` -> LoraModule, plus the file's metadata."""
+
+    modules: dict[str, LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    format: str = "diffusers"
+
+    def components(self) -> dict[str, dict[str, LoraModule]]:
+        parts: dict[str, dict[str, LoraModule]] = {}
+        for key, module in self.modules.items():
+            component, name = key.split(".", 1)
+            parts.setdefault(component, {})[name] = module
+        return parts
+
+    @property
+    def facts(self) -> AdapterFacts | None:
+        return AdapterFacts.from_metadata(self.metadata)
+
+
+def lora_from_peft(parts: dict[str, tuple[dict[str, torch.Tensor], float]], metadata: dict[str, str]) -> LoraFile:
+    """From `{component: (get_peft_model_state_dict(model), alpha)}`, as the trainer holds them."""
+    modules = {}
+    for component, (state, alpha) in parts.items():
+        for key, down in state.items():
+            if key.endswith(".lora_A.weight"):
+                stem = key.removesuffix(".lora_A.weight")
+                up = state[f"{stem}.lora_B.weight"]
+                modules[f"{component}.{_strip_text_model(stem)}"] = LoraModule(
+                    down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha))
+    return LoraFile(modules, metadata)
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def detect_format(path: str | Path) -> str:
+    path = Path(path)
+    if path.is_dir():
+        return "peft"
+    tensors, _ = read_adapter(path)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+        return "kohya"
+    return "diffusers"
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA in any of the three layouts (a peft folder, or a .safetensors file)."""
+    path = Path(path)
+    if path.is_dir():
+        return _read_peft_folder(path)
+    tensors, metadata = read_adapter(path)
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+        return LoraFile(_modules_from_kohya(tensors, path), metadata, "kohya")
+    return LoraFile(_modules_from_diffusers(tensors, metadata, path), metadata, "diffusers")
+
+
+def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, LoraModule]:
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.partition(".")
+        grouped.setdefault(name, {})[kind] = value
+    modules = {}
+    for name, parts in grouped.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise AdapterError(f"{path}: kohya module {name} lacks its lora_down/lora_up pair.")
+        component, module = _kohya_module_name(name)
+        down = parts["lora_down.weight"]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        modules[f"{component}.{module}"] = LoraModule(down, parts["lora_up.weight"], alpha)
+    return modules
+
+
+def _kohya_module_name(name: str) -> tuple[str, str]:
+    for component, prefix in (("text_encoder_2", "lora_te2_"), ("text_encoder", "lora_te1_"),
+                              ("text_encoder", "lora_te_"), ("unet", "lora_unet_")):
+        if name.startswith(prefix):
+            return component, _unflatten(name[len(prefix):])
+    raise AdapterError(f"Unrecognised kohya key {name!r}.")
+
+
+def _unflatten(flat: str) -> str:
+    """'down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q' -> 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'."""
+    words = flat.split("_")
+    parts: list[str] = []
+    i = 0
+    while i < len(words):
+        for size in (3, 2):
+            joined = "_".join(words[i:i + size])
+            if joined in _COMPOUNDS:
+                parts.append(joined)
+                i += size
+                break
+        else:
+            parts.append(words[i])
+            i += 1
+    name = ".".join(parts)
+    if name.endswith(".to_out"):
+        name += ".0"
+    return _strip_text_model(name)
+
+
+def _strip_text_model(name: str) -> str:
+    """Text-encoder names with or without transformers 4's `text_model.` level compare as one."""
+    return name.removeprefix("text_model.")
+
+
+_DIFFUSERS_SUFFIXES = (
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+)
+
+
+def _modules_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                            path: Path) -> dict[str, LoraModule]:
+    configs = _configs_from_metadata(metadata)
+    alphas = {k.removesuffix(".alpha"): float(v.item()) for k, v in tensors.items() if k.endswith(".alpha")}
+    modules = {}
+    for key, down in tensors.items():
+        for down_suffix, up_suffix in _DIFFUSERS_SUFFIXES:
+            if key.endswith(down_suffix):
+                stem = key.removesuffix(down_suffix)
+                up = tensors.get(stem + up_suffix)
+                if up is None:
+                    raise AdapterError(f"{path}: {key} has no matching {up_suffix[1:]} tensor.")
+                component, module = stem.split(".", 1)
+                module = _strip_text_model(module.replace(".processor.", "."))
+                rank = int(down.shape[0])
+                alpha = alphas.get(stem, _config_alpha(configs.get(component), module, rank))
+                modules[f"{component}.{module}"] = LoraModule(down, up, alpha)
+                break
+    if not modules:
+        raise AdapterError(f"{path}: no LoRA weights found (neither diffusers nor kohya key names).")
+    return modules
+
+
+def _configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict]:
+    if LORA_ADAPTER_METADATA_KEY not in metadata:
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in json.loads(metadata[LORA_ADAPTER_METADATA_KEY]).items():
+        component, _, option = key.partition(".")
+        configs.setdefault(component, {})[option] = value
+    return configs
+
+
+def _config_alpha(config: dict | None, module: str, rank: int) -> float:
+    """A module's alpha under a peft LoraConfig dict (alpha_pattern first), or rank when unknown."""
+    if not config:
+        return float(rank)
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module) or module.endswith(pattern):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
+
+
+def _read_peft_folder(folder: Path) -> LoraFile:
+    subfolders = [folder / c for c in COMPONENTS if (folder / c / "adapter_config.json").is_file()]
+    sources = [(p.name, p) for p in subfolders] or [("unet", folder)]
+    modules: dict[str, LoraModule] = {}
+    metadata: dict[str, str] = {}
+    for component, source in sources:
+        config_path, weights_path = source / "adapter_config.json", source / "adapter_model.safetensors"
+        if not config_path.is_file() or not weights_path.is_file():
+            raise AdapterError(f"{source}: a peft folder needs adapter_config.json and adapter_model.safetensors "
+                               "(pickled adapter_model.bin is not loaded).")
+        config = json.loads(config_path.read_text())
+        tensors, file_metadata = read_adapter(weights_path)
+        metadata.update(file_metadata)
+        for key, down in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            stem = key.removesuffix(".lora_A.weight")
+            module = _strip_text_model(stem.removeprefix("base_model.model."))
+            up = tensors[stem + ".lora_B.weight"]
+            modules[f"{component}.{module}"] = LoraModule(down, up, _config_alpha(config, module, down.shape[0]))
+    return LoraFile(modules, metadata, "peft")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def write_lora(lora: LoraFile, out: str | Path, fmt: str) -> Path:
+    """Write `lora` in `fmt` ('diffusers' or 'kohya': a .safetensors file; 'peft': a folder), atomically."""
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
+    out = Path(out)
+    if fmt == "peft":
+        return _write_peft_folder(lora, out)
+    if out.suffix != ".safetensors":
+        raise AdapterError(f"{out}: {fmt} adapters are .safetensors files.")
+    tensors, metadata = (_to_kohya if fmt == "kohya" else _to_diffusers)(lora)
+    return atomic_write_bytes(out, safetensors_bytes(tensors, metadata=metadata))
+
+
+def peft_config_for(modules: dict[str, LoraModule]) -> LoraConfig:
+    """A LoraConfig naming exactly these modules, with rank/alpha patterns where a module differs."""
+    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=sorted(modules),
+        rank_pattern={name: m.rank for name, m in modules.items() if m.rank != rank},
+        alpha_pattern={name: m.alpha for name, m in modules.items() if m.alpha != alpha},
+    )
+
+
+def _to_diffusers(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors: dict[str, torch.Tensor] = {}
+    config_meta: dict[str, object] = {}
+    for component, modules in lora.components().items():
+        for name, module in modules.items():
+            key = f"{component}.{_file_module_name(component, name)}"
+            tensors[f"{key}.lora_A.weight"] = module.down.contiguous()
+            tensors[f"{key}.lora_B.weight"] = module.up.contiguous()
+        config = lora_config_metadata(peft_config_for(modules))
+        config_meta.update({f"{component}.{k}": v for k, v in config.items()})
+    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith(("ss_", "modelspec."))}
+    metadata.update({"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config_meta, sort_keys=True)})
+    return tensors, metadata
+
+
+def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """diffusers-layout tensors with each module's alpha / rank folded into its up matrix.
+
+    For handing to `load_lora_weights` as a dict, where no metadata travels: the folded weights give
+    exactly the same delta with the loader's default alpha = rank.
+    """
+    tensors = {}
+    for key, module in lora.modules.items():
+        component, name = key.split(".", 1)
+        stem = f"{component}.{_file_module_name(component, name)}"
+        tensors[f"{stem}.lora_A.weight"] = module.down.float()
+        tensors[f"{stem}.lora_B.weight"] = module.up.float() * (module.alpha / module.rank)
+    return tensors
+
+
+def _file_module_name(component: str, module: str) -> str:
+    """Text encoders are written with the `text_model.` level that every loader (old and new) accepts."""
+    return f"text_model.{module}" if component.startswith("text_encoder") else module
+
+
+def _to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sdxl = "text_encoder_2" in lora.components() or (lora.facts and lora.facts.family == "sdxl")
+    prefixes = {**_KOHYA_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_"}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, module in lora.modules.items():
+        component, name = key.split(".", 1)
+        flat = prefixes[component] + _file_module_name(component, name).replace(".", "_")
+        tensors[f"{flat}.lora_down.weight"] = module.down.contiguous()
+        tensors[f"{flat}.lora_up.weight"] = module.up.contiguous()
+        tensors[f"{flat}.alpha"] = torch.tensor(float(module.alpha))
+    return tensors, kohya_metadata(lora)
+
+
+def kohya_metadata(lora: LoraFile) -> dict[str, str]:
+    """kohya's `ss_*` keys and the `modelspec.*` header, from sdlora's training facts where present."""
+    facts = lora.facts
+    ranks = Counter(m.rank for m in lora.modules.values())
+    alphas = Counter(m.alpha for m in lora.modules.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    family = facts.family if facts else "sd1"
+    name = facts.name if facts else "lora"
+    metadata = {k: v for k, v in lora.metadata.items() if k.startswith("sdlora.")}
+    metadata.update({
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": _KOHYA_BASE_VERSION.get(family, "sd_v1"),
+        "ss_v2": str(family == "sd2"),
+        "ss_output_name": name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{_MODELSPEC_ARCH.get(family, 'stable-diffusion-v1')}/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": name,
+    })
+    if facts:
+        metadata.update({
+            "ss_sd_model_name": facts.base_model,
+            "ss_steps": str(facts.steps),
+            "ss_learning_rate": f"{facts.learning_rate:g}",
+            "ss_num_train_images": str(facts.image_count),
+            "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+            "ss_seed": str(facts.seed),
+            "ss_training_comment": f"trigger words: {facts.trigger_words}",
+            "ss_tag_frequency": json.dumps({name: json.loads(facts.tag_frequency or "{}")}),
+            "modelspec.trigger_phrase": facts.trigger_words,
+            "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+            "modelspec.date": facts.created,
+            "modelspec.prediction_type": "v" if family == "sd2" else "epsilon",
+        })
+    return metadata
+
+
+def _write_peft_folder(lora: LoraFile, out: Path) -> Path:
+    components = lora.components()
+    for component, modules in components.items():
+        folder = out / component if len(components) > 1 or component != "unet" else out
+        tensors = {}
+        for name, module in modules.items():
+            tensors[f"base_model.model.{name}.lora_A.weight"] = module.down.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = module.up.contiguous()
+        atomic_write_bytes(folder / "adapter_model.safetensors",
+                           safetensors_bytes(tensors, metadata={"format": "pt"}))
+        config = lora_config_metadata(peft_config_for(modules))
+        atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, default=str))
+    return out

@@ -1,0 +1,72 @@
+"""Merging LoRAs: several into one LoRA (exactly, by stacking ranks, or re-factorised by SVD), or into a base.
+
+For module m, adapters i at weights w_i add  ΔW = Σ_i w_i (α_i / r_i) B_i A_i.
+- Concatenation writes that sum exactly as one LoRA of rank Σ r_i:  B = [w_i α_i/r_i B_i], A = [A_i], α = rank.
+- SVD keeps the best rank-k approximation of ΔW (Eckart–Young) and reports the relative error it made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdlora.adapters.formats import LoraFile, LoraModule
+from sdlora.files import atomic_replace_dir
+
+
+@dataclass
+class MergeReport:
+    rank: int | None  # None: concatenated ranks
+    max_relative_error: float  # ||ΔW - approx||_F / ||ΔW||_F, worst module
+    mean_relative_error: float
+
+
+def merge_loras(adapters: list[tuple[LoraFile, float]], rank: int | None = None) -> tuple[LoraFile, MergeReport]:
+    """One LoRA equal to the weighted sum of `adapters`: concatenated (rank=None) or SVD to `rank`."""
+    if not adapters:
+        raise ValueError("Nothing to merge.")
+    names = sorted({key for lora, _ in adapters for key in lora.modules})
+    merged: dict[str, LoraModule] = {}
+    errors = []
+    for key in names:
+        parts = [(lora.modules[key], weight) for lora, weight in adapters if key in lora.modules]
+        if rank is None:
+            up = torch.cat([m.up.flatten(1).float() * (w * m.alpha / m.rank) for m, w in parts], dim=1)
+            down = torch.cat([m.down.flatten(1).float() for m, _ in parts], dim=0)
+            merged[key] = LoraModule(down, up, float(down.shape[0]))
+            errors.append(0.0)
+        else:
+            delta = sum(w * m.delta() for m, w in parts)
+            module, error = _svd_factorise(delta, rank)
+            merged[key] = module
+            errors.append(error)
+    metadata = {k: v for k, v in adapters[0][0].metadata.items() if not k.startswith("sdlora.")}
+    report = MergeReport(rank, max(errors), sum(errors) / len(errors))
+    return LoraFile(merged, metadata), report
+
+
+def _svd_factorise(delta: torch.Tensor, rank: int) -> tuple[LoraModule, float]:
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    k = min(rank, s.numel())
+    up = (u[:, :k] * s[:k]).float()
+    down = vh[:k].float()
+    norm = torch.linalg.norm(delta.double())
+    error = float(torch.linalg.norm(delta.double() - up.double() @ down.double()) / norm) if norm > 0 else 0.0
+    return LoraModule(down, up, float(k)), error
+
+
+def fuse_into_base(base: str | None, adapters: list[tuple[str | Path, float]], out: str | Path) -> Path:
+    """Fold adapters at weights into the base's weights and save a full diffusers pipeline folder."""
+    from sdlora.generate import Generator  # here, not at the top: generate imports this package
+
+    generator = Generator(base, device="cpu", dtype=torch.float32)
+    weights = {generator.load_adapter(path): weight for path, weight in adapters}
+    generator.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    generator.pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=list(weights))
+    generator.pipe.unload_lora_weights()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    generator.pipe.save_pretrained(tmp, safe_serialization=True)
+    return atomic_replace_dir(tmp, out)
