@@ -21,12 +21,13 @@ def byte_tokenizer(max_length: int = 16) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon", width: int = 32) -> StableDiffusionPipeline:
+    """`width`: the text embedding width that cross-attention reads (768 on SD 1.x, 1024 on SD 2.x)."""
     torch.manual_seed(seed)
     tokenizer = byte_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -35,7 +36,7 @@ def tiny_pipeline(seed: int = 0, prediction_type: str = "epsilon") -> StableDiff
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=width, attention_head_dim=8, norm_num_groups=8,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
