@@ -34,7 +34,8 @@ class Item:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted for a stable order."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    # Not `is_file()`: a dangling link or unreadable entry must reach the loader and be reported, not vanish.
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
 
 
 def read_caption(image_path: Path) -> str | None:

@@ -205,15 +205,19 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
         for _ in range(config.grad_accum):
             instance, prior = next(batches)
             with accelerator.accumulate(*trainables):
-                loss = diffusion_loss(ctx, instance, prior)
-                if not torch.isfinite(loss):
-                    latest = run.latest_checkpoint()
+                try:
+                    loss = diffusion_loss(ctx, instance, prior)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"The loss became {loss.item()} at step {step + 1}. "
+                                            f"{_last_good(run)}Lower --lr, or use --mixed-precision bf16 "
+                                            "or no instead of fp16.")
+                    accelerator.backward(loss)
+                except torch.cuda.OutOfMemoryError as error:
                     raise TrainingError(
-                        f"The loss became {loss.item()} at step {step + 1}. "
-                        f"{f'The last good checkpoint is {latest}. ' if latest else ''}"
-                        "Lower --lr, or use --mixed-precision bf16/no instead of fp16."
-                    )
-                accelerator.backward(loss)
+                        f"Out of GPU memory at step {step + 1} (batch {config.batch_size}, {resolution} px). "
+                        f"{_last_good(run)}Try --gradient-checkpointing, a smaller --batch-size with "
+                        "--grad-accum, a lower --resolution, --mixed-precision bf16, or --optimizer adamw8bit."
+                    ) from error
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
@@ -269,6 +273,11 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     elapsed = time.perf_counter() - started
     events.emit("done", step=step, adapter=str(adapter_path), loss=loss_value, elapsed_s=round(elapsed, 3))
     return TrainResult(adapter_path, run.path, step, loss_value, elapsed)
+
+
+def _last_good(run: RunFolder) -> str:
+    latest = run.latest_checkpoint()
+    return f"The last good checkpoint is {latest} (continue with --resume). " if latest else ""
 
 
 def tag_frequency(items: list[Item]) -> dict[str, int]:
