@@ -131,9 +131,8 @@ def test_fused_full_model_matches_the_base_with_adapters(trained, tiny_base, tmp
     weights = [(trained[0], 0.6), (trained[1], 0.9)]
     out = fuse_into_base(tiny_base, weights, tmp_path / "fused")
     fused = DiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
-    generator = Generator(tiny_base)
-    names = [generator.load_adapter(p) for p, _ in weights]
-    generator.pipe.set_adapters(names, adapter_weights=[w for _, w in weights])
+    generator = Generator(tiny_base, fuse=False)  # adapters applied on the fly, not folded in
+    generator.activate({generator.load_adapter(p): w for p, w in weights})
     torch.testing.assert_close(unet_output(fused.unet), unet_output(generator.pipe.unet), rtol=1e-4, atol=1e-5)
 
 

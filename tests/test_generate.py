@@ -94,3 +94,15 @@ def test_only_safetensors_adapters_load(generator, tmp_path):
     broken.write_bytes(b"\xff" * 64)
     with pytest.raises(AdapterError, match="broken.safetensors"):
         generator.load_adapter(broken)
+
+
+def test_fused_and_unfused_stacks_draw_the_same(tiny_base, two_adapters):
+    """Folding the mix into the base weights is a speed-up only: same images, and sliders still work."""
+    fused, live = Generator(tiny_base, fuse=True), Generator(tiny_base, fuse=False)
+    for generator in (fused, live):
+        for path in two_adapters:
+            generator.load_adapter(path)
+    for weights in ({"lora_purple": 0.8, "lora_green": 0.5}, {"lora_purple": 0.2, "lora_green": 1.2}, {}):
+        a, b = fused.generate(PARAMS, weights), live.generate(PARAMS, weights)
+        assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert fused._fused is None  # back to the plain base after the last (empty) mix

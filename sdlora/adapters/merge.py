@@ -61,11 +61,9 @@ def fuse_into_base(base: str | None, adapters: list[tuple[str | Path, float]], o
     """Fold adapters at weights into the base's weights and save a full diffusers pipeline folder."""
     from sdlora.generate import Generator  # here, not at the top: generate imports this package
 
-    generator = Generator(base, device="cpu", dtype=torch.float32)
-    weights = {generator.load_adapter(path): weight for path, weight in adapters}
-    generator.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-    generator.pipe.fuse_lora(components=["unet", "text_encoder"], adapter_names=list(weights))
-    generator.pipe.unload_lora_weights()
+    generator = Generator(base, device="cpu", dtype=torch.float32, fuse=True)
+    generator.activate({generator.load_adapter(path): weight for path, weight in adapters})
+    generator.pipe.unload_lora_weights()  # drops the LoRA layers, keeps the fused weights
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     generator.pipe.save_pretrained(tmp, safe_serialization=True)

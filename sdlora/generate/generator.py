@@ -21,6 +21,8 @@ from sdlora.adapters.formats import diffusers_state_dict
 from sdlora.files import safe_name
 from sdlora.models import load_base, native_resolution
 
+FUSED_COMPONENTS = ["unet", "text_encoder"]
+
 # name -> (scheduler class, extra config, the name other tools print for it)
 SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
@@ -45,7 +47,7 @@ class Generator:
     """Loads the base once; adapters are loaded by file under descriptive names and mixed per call."""
 
     def __init__(self, base: DiffusionPipeline | str | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, fuse: bool = True):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if isinstance(base, DiffusionPipeline):
@@ -57,6 +59,8 @@ class Generator:
         self.pipe.set_progress_bar_config(disable=True)
         self._scheduler_configs = dict(self.pipe.scheduler.config)
         self.adapters: dict[str, Path] = {}
+        self.fuse = fuse
+        self._fused: dict[str, float] | None = None  # the mix currently folded into the base weights
 
     @property
     def native_size(self) -> int:
@@ -82,24 +86,40 @@ class Generator:
             while f"{name}_{suffix}" in self.adapters:
                 suffix += 1
             name = f"{name}_{suffix}"
+        self.activate({})  # new LoRA layers go onto unfused weights
         self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
         self.adapters[name] = path.resolve()
         return name
 
     def unload_adapter(self, name: str) -> None:
+        self.activate({})
         self.pipe.delete_adapters([name])
         del self.adapters[name]
 
-    def _activate(self, weights: Mapping[str, float]) -> None:
+    def activate(self, weights: Mapping[str, float]) -> None:
+        """Make exactly these adapters active at these weights.
+
+        With `fuse` on, the mix is folded into the base weights, so each denoising step costs what
+        the base alone costs; it is unfolded only when the mix changes (a slider moved).
+        """
         unknown = [name for name in weights if name not in self.adapters]
         if unknown:
             raise KeyError(f"Unknown adapter(s) {unknown}; loaded: {sorted(self.adapters)}")
+        weights = {name: float(w) for name, w in weights.items()}
+        if weights == self._fused:
+            return
+        if self._fused is not None:
+            self.pipe.unfuse_lora(components=FUSED_COMPONENTS)
+            self._fused = None
         if not weights:
             if self.adapters:
                 self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        self.pipe.set_adapters(list(weights), adapter_weights=[float(w) for w in weights.values()])
+        self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+        if self.fuse:
+            self.pipe.fuse_lora(components=FUSED_COMPONENTS, adapter_names=list(weights))
+            self._fused = weights
 
     def _set_scheduler(self, name: str) -> None:
         if name not in SCHEDULERS:
@@ -112,7 +132,7 @@ class Generator:
     def generate(self, params: GenerationParams, adapters: Mapping[str, float] | None = None) -> Image.Image:
         """One image; its `info['parameters']` says how it was made."""
         adapters = dict(adapters or {})
-        self._activate(adapters)
+        self.activate(adapters)
         self._set_scheduler(params.scheduler)
         width = params.width or self.native_size
         height = params.height or self.native_size
