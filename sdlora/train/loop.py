@@ -271,7 +271,9 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
             parts["text_encoder"] = (get_peft_model_state_dict(text_model), config.lora_alpha)
         write_lora(lora_from_peft(parts, facts.to_metadata()), adapter_path, config.adapter_format)
     elapsed = time.perf_counter() - started
-    events.emit("done", step=step, adapter=str(adapter_path), loss=loss_value, elapsed_s=round(elapsed, 3))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    events.emit("done", step=step, adapter=str(adapter_path), loss=loss_value, elapsed_s=round(elapsed, 3),
+                peak_gpu_memory_mib=peak)
     return TrainResult(adapter_path, run.path, step, loss_value, elapsed)
 
 
