@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not config.base:
         _say_demo_model()
     result = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun / accelerate launch, the main process reports
     print(f"Adapter: {result.adapter}  (run folder: {result.run}, {result.steps} steps, "
           f"final loss {result.final_loss:.4f}, {result.elapsed_s:.1f} s)")
     return 0

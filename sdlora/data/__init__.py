@@ -2,7 +2,7 @@
 
 from sdlora.data.buckets import Bucket, assign_bucket, bucket_batches, make_buckets
 from sdlora.data.folder import IMAGE_EXTENSIONS, DataError, Item, list_images, read_caption, scan_folder
-from sdlora.data.images import ImageError, fit_to_bucket, load_image
+from sdlora.data.images import ImageError, bucket_fit, fit_to_bucket, load_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -12,6 +12,7 @@ __all__ = [
     "Item",
     "assign_bucket",
     "bucket_batches",
+    "bucket_fit",
     "fit_to_bucket",
     "list_images",
     "load_image",

@@ -40,7 +40,7 @@ def assign_bucket(width: int, height: int, buckets: list[Bucket]) -> Bucket:
 
 
 def bucket_batches(bucket_of: list[Bucket], repeats: list[int], batch_size: int, seed: int):
-    """Endless batches of example indices, each batch from one bucket, reshuffled every epoch.
+    """Endless full batches of example indices, each from one bucket, reshuffled every epoch.
 
     Deterministic in (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
     """
@@ -54,7 +54,11 @@ def bucket_batches(bucket_of: list[Bucket], repeats: list[int], batch_size: int,
         for bucket in sorted(by_bucket):
             indices = by_bucket[bucket]
             rng.shuffle(indices)
-            batches.extend(indices[i:i + batch_size] for i in range(0, len(indices), batch_size))
+            for start in range(0, len(indices), batch_size):
+                batch = indices[start:start + batch_size]
+                # Always full: the last batch of a bucket is topped up from its start, so every
+                # data-parallel process gets its share and batch statistics don't jump.
+                batches.append(batch + [indices[i % len(indices)] for i in range(batch_size - len(batch))])
         rng.shuffle(batches)
         yield from batches
         epoch += 1

@@ -53,14 +53,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def bucket_fit(size: tuple[int, int], bucket: Bucket) -> tuple[tuple[int, int], tuple[int, int]]:
+    """For an image of `size` (w, h): the size it is resized to so it covers the bucket, and the crop's
+    top-left corner (top, left) in that resized image. SDXL is conditioned on both."""
+    scale = max(bucket.width / size[0], bucket.height / size[1])
+    resized = (max(bucket.width, round(size[0] * scale)), max(bucket.height, round(size[1] * scale)))
+    return resized, ((resized[1] - bucket.height) // 2, (resized[0] - bucket.width) // 2)
+
+
 def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Resize so the image covers the bucket, then crop the overflow evenly from both sides.
 
     The bucket was chosen for its aspect ratio, so the crop is small, unlike a blind centre crop to a square.
     """
-    scale = max(bucket.width / image.width, bucket.height / image.height)
-    size = (max(bucket.width, round(image.width * scale)), max(bucket.height, round(image.height * scale)))
-    resized = image.resize(size, Image.Resampling.LANCZOS)
-    left = (size[0] - bucket.width) // 2
-    top = (size[1] - bucket.height) // 2
-    return resized.crop((left, top, left + bucket.width, top + bucket.height))
+    resized, (top, left) = bucket_fit(image.size, bucket)
+    return image.resize(resized, Image.Resampling.LANCZOS).crop((left, top, left + bucket.width, top + bucket.height))

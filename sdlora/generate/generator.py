@@ -21,8 +21,6 @@ from sdlora.adapters.formats import diffusers_state_dict
 from sdlora.files import safe_name
 from sdlora.models import load_base, native_resolution
 
-FUSED_COMPONENTS = ["unet", "text_encoder"]
-
 # name -> (scheduler class, extra config, the name other tools print for it)
 SCHEDULERS = {
     "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
@@ -61,6 +59,7 @@ class Generator:
         self.adapters: dict[str, Path] = {}
         self.fuse = fuse
         self._fused: dict[str, float] | None = None  # the mix currently folded into the base weights
+        self._components = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
 
     @property
     def native_size(self) -> int:
@@ -109,7 +108,7 @@ class Generator:
         if weights == self._fused:
             return
         if self._fused is not None:
-            self.pipe.unfuse_lora(components=FUSED_COMPONENTS)
+            self.pipe.unfuse_lora(components=self._components)
             self._fused = None
         if not weights:
             if self.adapters:
@@ -118,7 +117,7 @@ class Generator:
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         if self.fuse:
-            self.pipe.fuse_lora(components=FUSED_COMPONENTS, adapter_names=list(weights))
+            self.pipe.fuse_lora(components=self._components, adapter_names=list(weights))
             self._fused = weights
 
     def _set_scheduler(self, name: str) -> None:

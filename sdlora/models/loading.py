@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from enum import StrEnum
 from pathlib import Path
@@ -50,6 +51,8 @@ def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) ->
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(f"{path} is a folder but not a diffusers pipeline (no model_index.json).")
+        if "safety_checker" not in json.loads((path / "model_index.json").read_text()):
+            common = {"dtype": dtype}  # SDXL and others have no safety checker to switch off
         try:
             pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **common)
         except (OSError, ValueError) as error:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
@@ -32,6 +32,7 @@ from sdlora.data import (
     Item,
     assign_bucket,
     bucket_batches,
+    bucket_fit,
     fit_to_bucket,
     load_image,
     make_buckets,
@@ -41,6 +42,7 @@ from sdlora.files import safe_name
 from sdlora.generate import GenerationParams, Generator, save_png
 from sdlora.models import bucket_step, load_base, model_family, native_resolution, resolve_base
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from sdlora.train.conditioning import Conditioning, SizeInfo, TextConditioner
 from sdlora.train.events import EventHandler, EventLog
 from sdlora.train.prior import default_class_dir, ensure_class_images
 from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
@@ -72,9 +74,13 @@ class Example:
     mean: torch.Tensor
     std: torch.Tensor
     flipped: tuple[torch.Tensor, torch.Tensor] | None
-    bucket: Bucket
+    size: SizeInfo
     caption: str
     repeats: int
+
+    @property
+    def bucket(self) -> Bucket:
+        return self.size.bucket
 
 
 def train(config: TrainConfig, *, on_event: EventHandler | None = None,
@@ -88,10 +94,14 @@ def train(config: TrainConfig, *, on_event: EventHandler | None = None,
     outputs = Path(config.outputs)
     adapter_path = Path(config.out) if config.out else outputs / "adapters" / f"{name}.safetensors"
     runs_dir = outputs / "runs"
-    run = find_run_to_resume(runs_dir, name, config.resume) if config.resume else new_run(runs_dir, name)
+    run = find_run_to_resume(runs_dir, name, config.resume) if config.resume else None
 
+    # cpu=True without CUDA lets torchrun/accelerate launch join CPU processes with gloo.
     accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
-                              gradient_accumulation_steps=config.grad_accum)
+                              gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
+    if run is None:  # one run folder for all processes: the main one makes it and tells the others
+        made = [str(new_run(runs_dir, name).path) if accelerator.is_main_process else None]
+        run = RunFolder(Path(broadcast_object_list(made)[0]))
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
     try:
         return _train(config, items, base, name, adapter_path, run, accelerator, events, cancel)
@@ -110,11 +120,12 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     pipe = load_base(base)
     resolution = config.resolution or native_resolution(pipe)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    for model in (unet, vae, text_encoder):
+    unet, vae, conditioner = pipe.unet, pipe.vae, TextConditioner(pipe)
+    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), *((e, weight_dtype) for e in conditioner.encoders.values())):
         model.requires_grad_(False)
-    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), (text_encoder, weight_dtype)):
-        model.to(device, dtype=None if model.dtype == dtype else dtype)
+        model.to(device)
+        if model.dtype != dtype:
+            model.to(dtype=dtype)
     run.write_config(config, base=base, name=name, adapter=str(adapter_path), resolution=resolution,
                      family=model_family(pipe).value, mixed_precision=accelerator.mixed_precision)
 
@@ -133,19 +144,19 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     unet_lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
                            init_lora_weights="gaussian", target_modules=unet_target_modules(unet, config.targets))
     unet.add_adapter(unet_lora)
-    trainables = [unet]
-    text_lora = None
+    parts: dict[str, torch.nn.Module] = {"unet": unet}  # component name -> module being trained
     if config.text_encoder:
-        text_lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                               init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS))
-        text_encoder.add_adapter(text_lora)
-        trainables.append(text_encoder)
+        for part, encoder in conditioner.encoders.items():
+            encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                                           init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS)))
+            parts[part] = encoder
     if weight_dtype != torch.float32:
-        cast_training_params(trainables, dtype=torch.float32)
+        cast_training_params(list(parts.values()), dtype=torch.float32)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if config.text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+        for part, model in parts.items():
+            if part != "unet":
+                model.gradient_checkpointing_enable()
 
     # 5. Cache what frozen parts compute: latents always, text embeddings unless the text encoder trains.
     buckets = make_buckets(resolution, bucket_step(pipe))
@@ -157,18 +168,19 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     if not config.text_encoder:
         captions = sorted({e.caption for e in examples + class_examples})
         with torch.no_grad():
-            cached_text = dict(zip(captions, text_embeddings(text_encoder, tokenizer, captions, device), strict=True))
+            encoded = conditioner.encode(captions, device)
+        cached_text = {caption: encoded[i] for i, caption in enumerate(captions)}
 
     # 6. Optimizer and schedule; accelerate handles devices, mixed precision and accumulation.
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.lr}]
-    if config.text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       "lr": config.text_encoder_lr or config.lr})
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+               "lr": config.lr if part == "unet" else config.text_encoder_lr or config.lr}
+              for part, model in parts.items()]
     optimizer = make_optimizer(config, groups, device)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                  num_training_steps=config.steps)
-    prepared = accelerator.prepare(*trainables, optimizer)
-    trainables, optimizer = list(prepared[:-1]), prepared[-1]
+    prepared = accelerator.prepare(*parts.values(), optimizer)
+    parts, optimizer = dict(zip(parts, prepared[:-1], strict=True)), prepared[-1]
+    trainables = list(parts.values())
     params = [p for group in groups for p in group["params"]]
     noise_rng = torch.Generator(device=device).manual_seed(config.seed)
 
@@ -177,13 +189,14 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     checkpoint = run.latest_checkpoint() if config.resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint)
-        restore_lora(accelerator, trainables, state.lora)
+        restore_lora(accelerator, parts, state.lora)
         optimizer.load_state_dict(state.optimizer)
         lr_scheduler.load_state_dict(state.lr_scheduler)
         torch.set_rng_state(state.rng["torch"])
         noise_rng.set_state(state.rng["noise"])
         start_step = state.step
-    batches = training_batches(examples, class_examples, config.batch_size, config.seed)
+    # Batches are drawn at the global size; each process trains on its share (see diffusion_loss).
+    batches = training_batches(examples, class_examples, config.batch_size * accelerator.num_processes, config.seed)
     for _ in range(start_step * config.grad_accum):
         next(batches)  # replay the data order up to the checkpoint
 
@@ -196,8 +209,9 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     step, loss_value, started = start_step, float("nan"), time.perf_counter()
     progress = tqdm(total=config.steps, initial=start_step, desc=f"training {name}",
                     disable=not accelerator.is_main_process)
-    ctx = LossContext(config, trainables[0], trainables[1] if config.text_encoder else text_encoder, tokenizer,
-                      noise_scheduler, cached_text, noise_rng, device, weight_dtype, vae_scale)
+    text_encoders = {part: model for part, model in parts.items() if part != "unet"}
+    ctx = LossContext(config, parts["unet"], conditioner, text_encoders, noise_scheduler, cached_text, noise_rng,
+                      device, weight_dtype, vae_scale, accelerator.process_index, accelerator.num_processes)
     for model in trainables:
         model.train()
     while step < config.steps:
@@ -222,7 +236,7 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().item() / config.grad_accum
+            window_loss += accelerator.reduce(loss.detach(), "mean").item() / config.grad_accum
         lr_scheduler.step()
         step += 1
         loss_value = window_loss
@@ -239,7 +253,7 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 path = save_checkpoint(run.checkpoints, TrainingState(
-                    step=step, lora=lora_state(accelerator, trainables), optimizer=optimizer.state_dict(),
+                    step=step, lora=lora_state(accelerator, parts), optimizer=optimizer.state_dict(),
                     lr_scheduler=lr_scheduler.state_dict(),
                     rng={"torch": torch.get_rng_state(), "noise": noise_rng.get_state()},
                 ), keep=config.keep_checkpoints)
@@ -256,8 +270,6 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     # 9. The adapter file, with the facts a user will want to see later.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unet_model = accelerator.unwrap_model(trainables[0])
-        text_model = accelerator.unwrap_model(trainables[1]) if config.text_encoder else None
         facts = AdapterFacts(
             name=name, base_model=base, family=model_family(pipe).value, rank=config.rank,
             alpha=config.lora_alpha, targets=config.targets, instance_prompt=config.prompt or "",
@@ -266,10 +278,9 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
             resolution=resolution, learning_rate=config.lr, image_count=len(examples),
             text_encoder=config.text_encoder, seed=config.seed, tag_frequency=json.dumps(tag_frequency(items)),
         )
-        parts = {"unet": (get_peft_model_state_dict(unet_model), config.lora_alpha)}
-        if text_model is not None:
-            parts["text_encoder"] = (get_peft_model_state_dict(text_model), config.lora_alpha)
-        write_lora(lora_from_peft(parts, facts.to_metadata()), adapter_path, config.adapter_format)
+        weights = {part: (get_peft_model_state_dict(accelerator.unwrap_model(model)), config.lora_alpha)
+                   for part, model in parts.items()}
+        write_lora(lora_from_peft(weights, facts.to_metadata()), adapter_path, config.adapter_format)
     elapsed = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     events.emit("done", step=step, adapter=str(adapter_path), loss=loss_value, elapsed_s=round(elapsed, 3),
@@ -324,21 +335,15 @@ def encode_images(vae, items: list[Item], buckets: list[Bucket], flip: bool, dev
         batch = torch.stack([pixels, pixels.flip(-1)]) if flip else pixels[None]
         dist = vae.encode(batch).latent_dist
         mean, std = dist.mean.float().cpu(), dist.std.float().cpu()
+        size = SizeInfo((image.height, image.width), bucket_fit(image.size, bucket)[1], bucket)
         examples.append(Example(mean[0], std[0], (mean[1], std[1]) if flip else None,
-                                bucket, item.caption, item.repeats))
+                                size, item.caption, item.repeats))
     return examples
 
 
 def _to_tensor(image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def text_embeddings(text_encoder, tokenizer, captions: list[str], device) -> torch.Tensor:
-    """SD 1.x/2.x conditioning: the text encoder's last hidden state for padded prompts."""
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    return text_encoder(ids)[0]
 
 
 def training_batches(examples: list[Example], class_examples: list[Example], batch_size: int, seed: int):
@@ -358,30 +363,41 @@ class LossContext:
 
     config: TrainConfig
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    conditioner: TextConditioner
+    text_encoders: dict[str, torch.nn.Module]  # the ones being trained (wrapped by accelerate)
     scheduler: DDPMScheduler
-    cached_text: dict[str, torch.Tensor] | None
+    cached_text: dict[str, Conditioning] | None
     rng: torch.Generator
     device: torch.device
     weight_dtype: torch.dtype
     vae_scale: float
+    rank: int = 0  # this process among `world` data-parallel processes
+    world: int = 1
 
 
 def diffusion_loss(ctx: LossContext, instance: list[Example], prior: list[Example]) -> torch.Tensor:
-    """The denoising loss of the instance examples plus the prior-weighted loss of the class examples."""
-    groups = [instance, prior] if prior else [instance]
-    if prior and prior[0].mean.shape == instance[0].mean.shape:
-        groups = [instance + prior]  # one forward pass when the shapes allow it
-    per_example = torch.cat([_per_example_loss(ctx, group) for group in groups])
-    instance_loss = per_example[: len(instance)].mean()
+    """The denoising loss of the instance examples plus the prior-weighted loss of the class examples.
+
+    With several processes, `instance` and `prior` are the global batch: every process draws the same
+    noise for all of it and trains on every `world`-th example, so N processes at batch B see exactly
+    what one process at batch N·B sees (DDP then averages their gradients).
+    """
+    mine = [i for i in range(len(instance)) if i % ctx.world == ctx.rank]
+    mine_prior = [i for i in range(len(prior)) if i % ctx.world == ctx.rank]
+    if prior and prior[0].mean.shape == instance[0].mean.shape:  # one forward pass when the shapes allow it
+        per_example = _per_example_loss(ctx, instance + prior, mine + [len(instance) + i for i in mine_prior])
+    else:
+        per_example = torch.cat([_per_example_loss(ctx, group, keep)
+                                 for group, keep in ((instance, mine), (prior, mine_prior)) if group])
+    instance_loss = per_example[: len(mine)].mean()
     if not prior:
         return instance_loss
     prior_weight = 1.0 if ctx.config.prior_weight is None else ctx.config.prior_weight
-    return instance_loss + prior_weight * per_example[len(instance):].mean()
+    return instance_loss + prior_weight * per_example[len(mine):].mean()
 
 
-def _per_example_loss(ctx: LossContext, group: list[Example]) -> torch.Tensor:
+def _per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -> torch.Tensor:
+    """Noise is drawn for the whole group (the same on every process); the U-Net runs on `keep` only."""
     config, scheduler, rng, device = ctx.config, ctx.scheduler, ctx.rng, ctx.device
     latents = torch.stack([_sample_latent(e, config.flip, rng, device) for e in group]) * ctx.vae_scale
     noise = torch.randn(latents.shape, generator=rng, device=device)
@@ -390,16 +406,19 @@ def _per_example_loss(ctx: LossContext, group: list[Example]) -> torch.Tensor:
             (latents.shape[0], latents.shape[1], 1, 1), generator=rng, device=device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng,
                               device=device)
+    index = torch.tensor(keep, dtype=torch.long, device=device)
+    latents, noise, timesteps = latents[index], noise[index], timesteps[index]
+    group = [group[i] for i in keep]
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
     captions = [e.caption for e in group]
     if ctx.cached_text is not None:
-        embeddings = torch.stack([ctx.cached_text[c] for c in captions])
+        conditioning = Conditioning.stack([ctx.cached_text[c] for c in captions])
     else:
-        embeddings = text_embeddings(ctx.text_encoder, ctx.tokenizer, captions, device)
-    prediction = ctx.unet(noisy.to(ctx.weight_dtype), timesteps,
-                          encoder_hidden_states=embeddings.to(ctx.weight_dtype)).sample
+        conditioning = ctx.conditioner.encode(captions, device, ctx.text_encoders)
+    unet_inputs = ctx.conditioner.unet_kwargs(conditioning, [e.size for e in group], ctx.weight_dtype)
+    prediction = ctx.unet(noisy.to(ctx.weight_dtype), timesteps, **unet_inputs).sample
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma:
         # Min-SNR-gamma (Hang et al. 2023); for v-prediction the weight is relative to snr + 1.
@@ -428,17 +447,17 @@ def make_optimizer(config: TrainConfig, groups: list[dict], device) -> torch.opt
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def lora_state(accelerator: Accelerator, trainables) -> dict[str, torch.Tensor]:
+def lora_state(accelerator: Accelerator, parts: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
     """The LoRA weights of every trained part, keyed 'unet.…' / 'text_encoder.…' (peft names)."""
     state = {}
-    for prefix, model in zip(("unet", "text_encoder"), trainables, strict=False):
+    for prefix, model in parts.items():
         for key, value in get_peft_model_state_dict(accelerator.unwrap_model(model)).items():
             state[f"{prefix}.{key}"] = value
     return state
 
 
-def restore_lora(accelerator: Accelerator, trainables, state: dict[str, torch.Tensor]) -> None:
-    for prefix, model in zip(("unet", "text_encoder"), trainables, strict=False):
+def restore_lora(accelerator: Accelerator, parts: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+    for prefix, model in parts.items():
         part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
         result = set_peft_model_state_dict(accelerator.unwrap_model(model), part)
         if getattr(result, "unexpected_keys", None):
