@@ -16,17 +16,16 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/sdlora train training_data/sks_star --prompt "a purple sks shape" --steps 300 --rank 8 \
-		--lr 1e-3 --class-prompt "a purple shape" --num-class-images 16 --name sks_star \
-		--sample-every 100 --sample-prompt "a purple sks shape on a white background"
-	$(VENV)/bin/sdlora generate "a purple sks shape on a white background" \
-		--lora outputs/adapters/sks_star.safetensors --compare --steps 30 --guidance 4 \
-		--out outputs/images/sks_star_compare.png
+	$(VENV)/bin/sdlora ui
+
+# Browser tests drive Debian's Chromium through Playwright (its own browser download is not used).
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: install lint
+test: install lint browser
 	$(PY) -m pytest -q
 
 clean:

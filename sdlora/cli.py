@@ -196,10 +196,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    try:
+        from ui.__main__ import main as ui_main
+    except ImportError as error:
+        raise ConfigError(f"The app needs the ui package next to sdlora (run from the project folder): {error}") from error
+    ui_main(args.rest)
+    return 0
+
+
 def cmd_demo_build(args: argparse.Namespace) -> int:
     from sdlora.demo.build import main as build_main
 
-    return build_main(args.build_args)
+    build_main(args.rest)
+    return 0
 
 
 def _say_demo_model() -> None:
@@ -248,17 +258,24 @@ def make_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
     merge.set_defaults(handler=cmd_merge)
 
+    ui = commands.add_parser("ui", help="Serve the web app on 127.0.0.1:7860 (options: sdlora ui --help).",
+                             add_help=False)
+    ui.set_defaults(handler=cmd_ui, passthrough=True)
+
     demo = commands.add_parser("demo-model", help="The bundled demo base model.")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_commands.add_parser("build", help="Rebuild the demo model from scratch (options: --help).",
                                      add_help=False)
-    build.add_argument("build_args", nargs=argparse.REMAINDER)
-    build.set_defaults(handler=cmd_demo_build)
+    build.set_defaults(handler=cmd_demo_build, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # `ui` and `demo-model build` hand their options to their own parsers
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
         _quiet_libraries()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -41,8 +43,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
-def test_adapters_get_descriptive_names(generator):
+def test_adapters_get_descriptive_names(generator, two_adapters, tmp_path):
     assert sorted(generator.adapters) == ["lora_green", "lora_purple"]
+    dotted = tmp_path / "style v1.5.safetensors"
+    dotted.write_bytes(Path(two_adapters[0]).read_bytes())
+    assert generator.load_adapter(dotted) == "lora_style_v1_5"
+    generator.unload_adapter("lora_style_v1_5")
 
 
 def test_an_adapter_changes_the_image_and_the_base_comes_back(generator):

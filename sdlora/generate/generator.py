@@ -77,7 +77,7 @@ class Generator:
         report = check_compatibility(lora, self.pipe)
         if not report.ok:
             raise AdapterError(report.explain(str(path), Path(self.base_name).name or "in use"))
-        name = "lora_" + safe_name(name or path.stem)
+        name = "lora_" + safe_name(name or path.stem).replace(".", "_")  # peft module names can't hold dots
         if name in self.adapters:
             if self.adapters[name] == path.resolve():
                 return name

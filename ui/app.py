@@ -1,0 +1,78 @@
+"""The sdlora web app: Train, Generate and Adapters tabs over the sdlora library.
+
+The page only lays out controls and passes their values on; training, models and files are the library's
+(and the small, browser-free helpers in this package). Run it with ``python -m ui``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.jobs import JobQueue
+from ui.adapters_tab import build_adapters_tab
+from ui.bases import DEMO_KEYWORD, base_notice
+from ui.common import USER_ERRORS, AppContext, problem
+from ui.generate_tab import build_generate_tab
+from ui.studio import Studio
+from ui.train_tab import build_train_tab
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+# Demo images are 32 px: scaled up smoothly they are a blur, so show their pixels.
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+#library-sample img { width: 100%; height: 100%; object-fit: contain; }
+.sdlora-progress { display: flex; gap: 1em; align-items: center; }
+.sdlora-progress progress { flex: 1; height: 1.2em; }
+"""
+
+
+def build_app(outputs_dir: str | Path = "outputs", base: str | None = None, queue: JobQueue | None = None) -> gr.Blocks:
+    """The app's page; `base` is the base model the page starts with (None: the bundled demo model) and
+    `queue` the training queue (a new one by default; pass one to share it with other code)."""
+    outputs = Path(outputs_dir)
+    ctx = AppContext(outputs, queue or JobQueue(), Studio(outputs))
+    with gr.Blocks(title="sdlora", analytics_enabled=False) as app:
+        gr.Markdown("# sdlora: train and use Stable Diffusion LoRA adapters")
+        with gr.Row(equal_height=True):
+            base_box = gr.Textbox(base or DEMO_KEYWORD, label="Base model", scale=5, elem_id="base-model",
+                                  info="A hub id, a local diffusers folder or a single .safetensors checkpoint; "
+                                       "'demo' (or empty) for the bundled demo model.")
+            load = gr.Button("Load", scale=1, elem_id="load-base")
+        notice = gr.Markdown(base_notice(base), elem_id="base-notice")
+        with gr.Tabs():
+            with gr.Tab("Train", id="train"):
+                build_train_tab(app, ctx, base_box, base)
+            with gr.Tab("Generate", id="generate") as generate_tab:
+                build_generate_tab(ctx, base_box, generate_tab)
+            with gr.Tab("Adapters", id="adapters") as adapters_tab:
+                build_adapters_tab(ctx, adapters_tab)
+
+        def loaded(text: str) -> str:
+            try:
+                name = ctx.studio.load(text)
+            except USER_ERRORS as error:
+                return f"{base_notice(text)}\n\n{problem(error)}"
+            return f"{base_notice(text)}\n\nLoaded `{name}`."
+
+        base_box.submit(loaded, base_box, notice)
+        load.click(loaded, base_box, notice)
+        base_box.change(base_notice, base_box, notice, show_progress="hidden")
+    return app
+
+
+def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, listen: bool = False,
+           auth: tuple[str, str] | None = None, outputs_dir: str | Path = "outputs", base: str | None = None, *,
+           queue: JobQueue | None = None, block: bool = True) -> gr.Blocks:
+    """Serve the app on `host:port` (all interfaces with `listen`); `block=False` returns at once with the
+    server running in a background thread (tests use this)."""
+    outputs = Path(outputs_dir).resolve()
+    outputs.mkdir(parents=True, exist_ok=True)
+    app = build_app(outputs, base, queue)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name="0.0.0.0" if listen else host, server_port=port, auth=auth,
+               allowed_paths=[str(outputs)], prevent_thread_lock=not block, show_error=True, ssr_mode=False,
+               css=CSS, quiet=not block)
+    return app

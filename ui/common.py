@@ -1,0 +1,37 @@
+"""What the tabs share: the app's long-lived objects and the way a user's mistake is shown in the page."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from sdlora.adapters import AdapterError
+from sdlora.config import ConfigError
+from sdlora.data import DataError, ImageError
+from sdlora.jobs import JobQueue
+from sdlora.models import BaseModelError
+from ui.studio import Studio
+from ui.uploads import UploadError
+
+# Errors whose message tells the user what to change; anything else is a bug and Gradio shows it as one.
+USER_ERRORS = (ConfigError, DataError, ImageError, BaseModelError, AdapterError, UploadError)
+
+
+@dataclass
+class AppContext:
+    """One per app, shared by every session: state that must survive a page reload lives here."""
+
+    outputs: Path
+    queue: JobQueue
+    studio: Studio
+
+
+def problem(error: Exception | str) -> str:
+    """Show a message as a toast and return it for the tab's status line, so it stays readable after the
+    toast fades."""
+    message = str(error)
+    gr.Warning(html.escape(message))  # the toast renders HTML; file names come from the user
+    return f"⚠️ {message}"

@@ -1,0 +1,130 @@
+"""The Generate tab's logic: one shared base model, adapters loaded by file, images saved with parameters.
+
+A base model takes seconds to minutes to load and much memory, so all sessions share one `Generator`
+(the newest base asked for) behind a lock; the library's Generator is not safe to use from two threads.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sdlora.config import ConfigError, parse_size
+from sdlora.generate import GenerationParams, Generator, save_png
+from sdlora.models import resolve_base
+from ui.bases import base_spec
+from ui.library import adapter_path
+
+
+def parse_weights(text: str) -> list[float]:
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0] for a sweep."""
+    try:
+        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"Sweep weights must be numbers separated by commas, not {text!r}.") from None
+    if not weights:
+        raise ConfigError("Give the sweep at least one weight, e.g. 0, 0.5, 1.")
+    return weights
+
+
+def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
+    """(name, weight) of each adapter row that is switched on and has an adapter picked.
+
+    `rows` is the page's flat list of row values: name, on, weight for each row in turn."""
+    triples = [rows[index:index + 3] for index in range(0, len(rows), 3)]
+    return [(name, float(weight)) for name, on, weight in triples if on and name]
+
+
+def make_params(prompt: str, negative: str, seed: float, steps: float, guidance: float, size: str,
+                scheduler: str) -> GenerationParams:
+    """GenerationParams from the form; 'native' (or empty) size means the base model's own size."""
+    if not (prompt or "").strip():
+        raise ConfigError("Write a prompt: say what to draw.")
+    width = height = None
+    if size and size.strip().lower() != "native":
+        width, height = parse_size(size.strip())
+    return GenerationParams(prompt.strip(), (negative or "").strip(), int(seed), int(steps), float(guidance),
+                            width, height, scheduler)
+
+
+@dataclass
+class Result:
+    """Images saved as PNGs with their parameters: (path, label) pairs for a gallery, and the parameters text."""
+
+    images: list[tuple[str, str]]
+    parameters: str
+
+
+class Studio:
+    """The shared base model and the adapters loaded onto it."""
+
+    def __init__(self, outputs: str | Path):
+        self.outputs = Path(outputs)
+        self._lock = threading.Lock()
+        self._generator: Generator | None = None
+        self._spec: str | None = None
+        self._loaded: dict[Path, tuple[tuple[int, int], str]] = {}  # file -> (its identity when loaded, pipe name)
+
+    def load(self, text: str | None) -> str:
+        """Load the base the field names (if it isn't loaded already); returns what was loaded."""
+        with self._lock:
+            return self._base(text).base_name
+
+    def _base(self, text: str | None) -> Generator:
+        spec = resolve_base(base_spec(text))
+        if self._generator is None or spec != self._spec:
+            self._generator, self._spec, self._loaded = None, None, {}
+            self._generator, self._spec = Generator(spec), spec
+        return self._generator
+
+    def _weights(self, generator: Generator, adapters: Sequence[tuple[str, float]]) -> dict[str, float]:
+        """Pipe names and weights for (library name, weight) pairs; a file replaced since it was loaded
+        (retrained under the same name) is loaded again rather than served stale."""
+        weights: dict[str, float] = {}
+        for name, weight in adapters:
+            path = adapter_path(self.outputs, name).resolve()
+            stat = path.stat()
+            identity = (stat.st_ino, stat.st_mtime_ns)  # files are replaced atomically: a new inode
+            loaded = self._loaded.get(path)
+            if loaded and loaded[0] != identity:
+                generator.unload_adapter(loaded[1])
+                loaded = None
+            if loaded is None:
+                loaded = (identity, generator.load_adapter(path))
+                self._loaded[path] = loaded
+            weights[loaded[1]] = float(weight)
+        return weights
+
+    def generate(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:
+        with self._lock:
+            generator = self._base(text)
+            image = generator.generate(params, self._weights(generator, adapters))
+            return self._save([("image", image)])
+
+    def compare(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:
+        """Base alone, each adapter alone at its weight, then the mix, all with one seed."""
+        with self._lock:
+            generator = self._base(text)
+            return self._save(generator.compare(params, self._weights(generator, adapters)))
+
+    def sweep(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]],
+              weights: Sequence[float]) -> Result:
+        """The first adapter at each weight, the others held at theirs."""
+        if not adapters:
+            raise ConfigError("A sweep needs an adapter: switch one on.")
+        with self._lock:
+            generator = self._base(text)
+            names = self._weights(generator, adapters)
+            first = next(iter(names))
+            return self._save(generator.sweep(params, first, list(weights), names))
+
+    def _save(self, labeled: list[tuple[str, object]]) -> Result:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        folder = self.outputs / "images"
+        images = [(str(save_png(image, folder / f"{stamp}-{index}.png")), label)
+                  for index, (label, image) in enumerate(labeled)]
+        parameters = "\n\n".join(f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled)
+        return Result(images, parameters if len(labeled) > 1 else labeled[0][1].info.get("parameters", ""))
