@@ -6,6 +6,7 @@ running job, its events and its result.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -15,8 +16,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sdlora.config import TrainConfig
+from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
+from sdlora.train.runs import RunFolder
 
 
 class JobStatus(StrEnum):
@@ -82,6 +84,14 @@ class JobQueue:
                 self._waiting.remove(job)
                 job.status = JobStatus.CANCELLED
             job.cancel_requested.set()
+
+    def resume(self, job_id: int) -> Job:
+        """Queue a new job that continues a cancelled or failed one from its newest checkpoint."""
+        job = self._jobs.get(job_id)
+        run = RunFolder(job.run_dir) if job is not None and job.run_dir is not None else None
+        if job is None or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED) or run.latest_checkpoint() is None:
+            raise ConfigError("Only a cancelled or failed job with a checkpoint can be resumed.")
+        return self.submit(dataclasses.replace(job.config, resume=str(run.path)))
 
     def get(self, job_id: int) -> Job:
         return self._jobs[job_id]

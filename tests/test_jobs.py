@@ -23,13 +23,22 @@ def test_jobs_run_one_at_a_time_in_order(tiny_base, blob_folder, tmp_path):
 
 def test_cancel_keeps_a_resumable_checkpoint(tiny_base, blob_folder, tmp_path):
     queue = JobQueue()
-    job = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=10_000, save_every=10_000))
+    job = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=10_000))
     while job.last("step") is None and not job.finished:
         time.sleep(0.05)
     queue.cancel(job.id)
     queue.wait(job.id, timeout=120)
     assert job.status is JobStatus.CANCELLED
     assert job.last("checkpoint") is not None and not job.result.adapter.exists()
+    with pytest.raises(ConfigError, match="resumed"):
+        queue.resume(queue.submit(train_config(blob_folder, tiny_base, tmp_path / "b", steps=1)).id)
+
+    # Resume continues from the cancelled step, in the same run folder, to the end.
+    job.config.steps = job.last("cancelled")["step"] + 2
+    resumed = queue.resume(job.id)
+    queue.wait(resumed.id, timeout=120)
+    assert resumed.status is JobStatus.DONE and resumed.run_dir == job.run_dir
+    assert resumed.last("start")["start_step"] == job.last("cancelled")["step"]
 
 
 def test_bad_options_are_refused_at_submit(blob_folder, tmp_path):

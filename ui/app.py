@@ -20,6 +20,7 @@ from ui.train_tab import build_train_tab
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+MAX_UPLOAD = "200mb"  # per file; uploads land only under outputs/uploads
 # Demo images are 32 px: scaled up smoothly they are a blur, so show their pixels.
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -74,5 +75,5 @@ def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, listen: bool = Fa
     app.queue(default_concurrency_limit=1)
     app.launch(server_name="0.0.0.0" if listen else host, server_port=port, auth=auth,
                allowed_paths=[str(outputs)], prevent_thread_lock=not block, show_error=True, ssr_mode=False,
-               css=CSS, quiet=not block)
+               css=CSS, quiet=not block, max_file_size=MAX_UPLOAD)
     return app

@@ -72,6 +72,7 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                resume = gr.Button("Resume", elem_id="resume")
             start_msg = gr.Markdown(elem_id="start-message")
     gr.Markdown("### 3. Progress")
     status = gr.Markdown(elem_id="job-status")
@@ -133,6 +134,16 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
         return f"Cancelling job {job.id}: it stops after the current step."
 
     cancel.click(cancelled, shown, start_msg)
+
+    def resumed(job_id: int | None) -> tuple:
+        """Continue the job the page shows (cancelled or failed) from its newest checkpoint."""
+        try:
+            job = ctx.queue.resume(job_id)
+        except USER_ERRORS as error:
+            return problem(error), gr.skip()
+        return f"Job {job.id} submitted: resuming `{job.config.name}` from its checkpoint.", gr.Timer(active=True)
+
+    resume.click(resumed, shown, [start_msg, timer])
 
     def polled(last: str) -> tuple:
         job = ctx.queue.current()

@@ -249,7 +249,8 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
                     images_per_s=round(config.batch_size * config.grad_accum / per_step, 3))
 
         cancelled = cancel is not None and cancel.is_set()
-        if config.save_every and (step % config.save_every == 0 or step == config.steps or cancelled):
+        periodic = config.save_every and (step % config.save_every == 0 or step == config.steps)
+        if periodic or cancelled:  # a cancelled run always keeps a checkpoint to resume from
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 path = save_checkpoint(run.checkpoints, TrainingState(
