@@ -48,6 +48,12 @@ def test_adapters_get_descriptive_names(generator, two_adapters, tmp_path):
     dotted = tmp_path / "style v1.5.safetensors"
     dotted.write_bytes(Path(two_adapters[0]).read_bytes())
     assert generator.load_adapter(dotted) == "lora_style_v1_5"
+    before = generator.generate(PARAMS, {"lora_style_v1_5": 1.0})
+    assert generator.load_adapter(dotted) == "lora_style_v1_5"  # unchanged file: kept as loaded
+    dotted.write_bytes(Path(two_adapters[1]).read_bytes())  # retrained under the same name
+    assert generator.load_adapter(dotted) == "lora_style_v1_5"
+    after = generator.generate(PARAMS, {"lora_style_v1_5": 1.0})
+    assert np.abs(pixels(before) - pixels(after)).mean() > 0.5  # the new weights, not the cached ones
     generator.unload_adapter("lora_style_v1_5")
 
 

@@ -57,6 +57,7 @@ class Generator:
         self.pipe.set_progress_bar_config(disable=True)
         self._scheduler_configs = dict(self.pipe.scheduler.config)
         self.adapters: dict[str, Path] = {}
+        self._stamps: dict[str, tuple] = {}  # (mtime, size) of each loaded file, to notice a rewrite
         self.fuse = fuse
         self._fused: dict[str, float] | None = None  # the mix currently folded into the base weights
         self._components = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
@@ -73,27 +74,32 @@ class Generator:
         like 'b' collide with module names in diffusers' key checks.
         """
         path = Path(path)
+        name = "lora_" + safe_name(name or path.stem).replace(".", "_")  # peft module names can't hold dots
+        stamp = _file_stamp(path)
+        if name in self.adapters:
+            if self.adapters[name] == path.resolve():
+                if self._stamps[name] == stamp:
+                    return name
+                self.unload_adapter(name)  # the file changed since (retrained under the same name): reload
+            else:
+                suffix = 2
+                while f"{name}_{suffix}" in self.adapters:
+                    suffix += 1
+                name = f"{name}_{suffix}"
         lora = read_lora(path)
         report = check_compatibility(lora, self.pipe)
         if not report.ok:
             raise AdapterError(report.explain(str(path), Path(self.base_name).name or "in use"))
-        name = "lora_" + safe_name(name or path.stem).replace(".", "_")  # peft module names can't hold dots
-        if name in self.adapters:
-            if self.adapters[name] == path.resolve():
-                return name
-            suffix = 2
-            while f"{name}_{suffix}" in self.adapters:
-                suffix += 1
-            name = f"{name}_{suffix}"
         self.activate({})  # new LoRA layers go onto unfused weights
         self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
         self.adapters[name] = path.resolve()
+        self._stamps[name] = stamp
         return name
 
     def unload_adapter(self, name: str) -> None:
         self.activate({})
         self.pipe.delete_adapters([name])
-        del self.adapters[name]
+        del self.adapters[name], self._stamps[name]
 
     def activate(self, weights: Mapping[str, float]) -> None:
         """Make exactly these adapters active at these weights.
@@ -177,3 +183,12 @@ class Generator:
 
     def _label(self, name: str) -> str:
         return self.adapters[name].stem if name in self.adapters else name
+
+
+def _file_stamp(path: Path) -> tuple:
+    """When and how big: changes whenever an adapter file (or a peft folder's files) is rewritten."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    try:
+        return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+    except OSError:
+        return ()
