@@ -18,6 +18,7 @@ from PIL import Image
 import sdlora
 from sdlora.adapters import AdapterError, check_compatibility, read_lora
 from sdlora.adapters.formats import diffusers_state_dict
+from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.files import safe_name
 from sdlora.models import load_base, native_resolution
 
@@ -154,7 +155,7 @@ class Generator:
         fields = [
             f"Steps: {params.steps}", f"Sampler: {SCHEDULERS[params.scheduler][2]}",
             f"CFG scale: {params.guidance:g}", f"Seed: {params.seed}", f"Size: {width}x{height}",
-            f"Model: {Path(self.base_name).name}",
+            f"Model: {base_label(self.base_name)}",
         ]
         if adapters:
             fields.append("Lora: " + ", ".join(
@@ -192,3 +193,8 @@ def _file_stamp(path: Path) -> tuple:
         return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
     except OSError:
         return ()
+
+
+def base_label(base: str) -> str:
+    """How a base is named in image parameters: the demo model by that name, others by folder or file."""
+    return "sdlora-demo" if Path(base).resolve() == DEMO_MODEL_DIR else Path(base).name
