@@ -141,14 +141,11 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
         class_items = [Item(p, config.class_prompt) for p in paths]
 
     # 4. LoRA layers on the attention projections (and optionally the text encoder).
-    unet_lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                           init_lora_weights="gaussian", target_modules=unet_target_modules(unet, config.targets))
-    unet.add_adapter(unet_lora)
+    unet.add_adapter(lora_config(config, unet_target_modules(unet, config.targets)))
     parts: dict[str, torch.nn.Module] = {"unet": unet}  # component name -> module being trained
     if config.text_encoder:
         for part, encoder in conditioner.encoders.items():
-            encoder.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
-                                           init_lora_weights="gaussian", target_modules=list(TEXT_ENCODER_TARGETS)))
+            encoder.add_adapter(lora_config(config, list(TEXT_ENCODER_TARGETS)))
             parts[part] = encoder
     if weight_dtype != torch.float32:
         cast_training_params(list(parts.values()), dtype=torch.float32)
@@ -315,6 +312,11 @@ def _precision(requested: str) -> str:
     if not torch.cuda.is_available():
         return "no"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+    return LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                      init_lora_weights="gaussian", target_modules=targets)
 
 
 def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
