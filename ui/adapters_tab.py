@@ -70,7 +70,11 @@ def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
             path = import_adapter(upload, ctx.outputs)
         except USER_ERRORS as error:
             return problem(error), None, gr.skip(), gr.skip()
-        return (f"Imported `{path.name}`; it is now offered in the Generate tab.", None,
+        try:
+            fit = ctx.studio.fit(path)
+        except USER_ERRORS as error:  # kept: it may suit another base, but say so now, not at generation
+            return problem(f"Imported `{path.name}`, but {error}"), None, *refreshed(path.stem)
+        return (f"Imported `{path.name}`; it is now offered in the Generate tab. {fit}", None,
                 *refreshed(path.stem))
 
     importer.upload(imported, importer, [message, importer, table, picker])

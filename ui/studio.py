@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from sdlora.adapters import AdapterError, check_compatibility, read_lora
 from sdlora.config import ConfigError, parse_size
 from sdlora.generate import GenerationParams, Generator, save_png
 from sdlora.models import resolve_base
@@ -66,7 +67,6 @@ class Studio:
         self._lock = threading.Lock()
         self._generator: Generator | None = None
         self._spec: str | None = None
-        self._loaded: dict[Path, tuple[tuple[int, int], str]] = {}  # file -> (its identity when loaded, pipe name)
 
     def load(self, text: str | None) -> str:
         """Load the base the field names (if it isn't loaded already); returns what was loaded."""
@@ -76,27 +76,23 @@ class Studio:
     def _base(self, text: str | None) -> Generator:
         spec = resolve_base(base_spec(text))
         if self._generator is None or spec != self._spec:
-            self._generator, self._spec, self._loaded = None, None, {}
+            self._generator, self._spec = None, None
             self._generator, self._spec = Generator(spec), spec
         return self._generator
 
     def _weights(self, generator: Generator, adapters: Sequence[tuple[str, float]]) -> dict[str, float]:
-        """Pipe names and weights for (library name, weight) pairs; a file replaced since it was loaded
-        (retrained under the same name) is loaded again rather than served stale."""
-        weights: dict[str, float] = {}
-        for name, weight in adapters:
-            path = adapter_path(self.outputs, name).resolve()
-            stat = path.stat()
-            identity = (stat.st_ino, stat.st_mtime_ns)  # files are replaced atomically: a new inode
-            loaded = self._loaded.get(path)
-            if loaded and loaded[0] != identity:
-                generator.unload_adapter(loaded[1])
-                loaded = None
-            if loaded is None:
-                loaded = (identity, generator.load_adapter(path))
-                self._loaded[path] = loaded
-            weights[loaded[1]] = float(weight)
-        return weights
+        """Pipe names and weights for (library name, weight) pairs; the Generator reloads a file that was
+        replaced since it was loaded (retrained under the same name)."""
+        return {generator.load_adapter(adapter_path(self.outputs, name)): float(weight) for name, weight in adapters}
+
+    def fit(self, path: Path) -> str:
+        """Whether an adapter file fits the base in use (the demo model if none was loaded yet)."""
+        with self._lock:
+            generator = self._base(self._spec)
+            report = check_compatibility(read_lora(path), generator.pipe)
+        if not report.ok:
+            raise AdapterError(report.explain(path.name, Path(generator.base_name).name))
+        return f"It fits the base in use ({sum(report.mapped.values())} modules, {report.lora_family})."
 
     def generate(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:
         with self._lock:
