@@ -4,6 +4,7 @@ the TOML keys and the UI controls all come from one place (like peft's `LoraConf
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,6 +154,24 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     with open(path, "rb") as handle:
         raw = tomllib.load(handle)
     return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def dump_toml(config) -> str:
+    """A config as the TOML `--config` reads back (None values are left out: they are the defaults)."""
+    lines = []
+    for key, value in dataclasses.asdict(config).items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        elif isinstance(value, list):
+            text = "[" + ", ".join(json.dumps(str(v)) for v in value) + "]"
+        else:
+            text = json.dumps(str(value))  # a JSON string is a valid TOML basic string
+        lines.append(f"{key} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def build_config(cls: type, values: dict[str, Any]):

@@ -18,6 +18,7 @@ from typing import Any
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
+from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder
 
 
@@ -38,6 +39,7 @@ class Job:
     result: TrainResult | None = None
     error: str | None = None
     submitted: float = field(default_factory=time.time)
+    processes: int = 1  # data-parallel processes (GPUs); more than one runs under torchrun
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -66,11 +68,13 @@ class JobQueue:
         self._worker = threading.Thread(target=self._work, name="sdlora-trainer", daemon=True)
         self._worker.start()
 
-    def submit(self, config: TrainConfig) -> Job:
+    def submit(self, config: TrainConfig, processes: int = 1) -> Job:
         """Check the config now (so the caller sees bad options at once) and queue the job."""
         config.validate()
+        if processes < 1:
+            raise ConfigError("processes must be at least 1.")
         with self._wake:
-            job = Job(next(self._ids), config)
+            job = Job(next(self._ids), config, processes=processes)
             self._jobs[job.id] = job
             self._waiting.append(job)
             self._wake.notify()
@@ -91,7 +95,7 @@ class JobQueue:
         run = RunFolder(job.run_dir) if job is not None and job.run_dir is not None else None
         if job is None or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED) or run.latest_checkpoint() is None:
             raise ConfigError("Only a cancelled or failed job with a checkpoint can be resumed.")
-        return self.submit(dataclasses.replace(job.config, resume=str(run.path)))
+        return self.submit(dataclasses.replace(job.config, resume=str(run.path)), job.processes)
 
     def get(self, job_id: int) -> Job:
         return self._jobs[job_id]
@@ -123,7 +127,11 @@ class JobQueue:
                 job = self._waiting.popleft()
                 job.status = JobStatus.RUNNING
             try:
-                job.result = train(job.config, on_event=job.events.append, cancel=job.cancel_requested)
+                if job.processes > 1:
+                    job.result = train_distributed(job.config, job.processes, on_event=job.events.append,
+                                                   cancel=job.cancel_requested)
+                else:
+                    job.result = train(job.config, on_event=job.events.append, cancel=job.cancel_requested)
                 job.status = JobStatus.CANCELLED if job.result.cancelled else JobStatus.DONE
             except Exception as error:  # noqa: BLE001 - any failure is reported on the job, the worker lives on
                 job.error = f"{type(error).__name__}: {error}"

@@ -44,3 +44,21 @@ def test_cancel_keeps_a_resumable_checkpoint(tiny_base, blob_folder, tmp_path):
 def test_bad_options_are_refused_at_submit(blob_folder, tmp_path):
     with pytest.raises(ConfigError, match="--rank"):
         JobQueue().submit(train_config(blob_folder, "x", tmp_path, rank=0))
+
+
+def test_a_job_can_run_on_several_processes_and_be_cancelled(tiny_base, blob_folder, tmp_path):
+    """What the app does when several GPUs are visible, here with 2 CPU processes (gloo)."""
+    queue = JobQueue()
+    job = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=3, name="two"), processes=2)
+    queue.wait(job.id, timeout=300)
+    assert job.status is JobStatus.DONE, job.error
+    assert [e["step"] for e in job.events if e["event"] == "step"] == [1, 2, 3]  # the main process's stream
+    assert job.result.adapter.is_file() and len(list((tmp_path / "a" / "runs").iterdir())) == 1
+
+    long = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "b", steps=10_000, name="long"),
+                        processes=2)
+    while long.last("step") is None and not long.finished:
+        time.sleep(0.05)
+    queue.cancel(long.id)
+    queue.wait(long.id, timeout=300)
+    assert long.status is JobStatus.CANCELLED and long.last("checkpoint") is not None

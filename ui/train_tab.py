@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from sdlora.config import TrainConfig
+from sdlora.train.launch import gpu_count
 from ui.bases import base_spec, is_demo
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.options import option_default, option_help
@@ -13,6 +14,9 @@ from ui.uploads import caption_rows, save_captions, stage_upload, thumbnails
 
 POLL_SECONDS = 1.0
 PRESET_FIELDS = tuple(next(iter(PRESETS.values())))
+
+
+GPUS = gpu_count()  # the app offers data-parallel training when it sees several
 
 
 def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initial_base: str | None) -> None:
@@ -69,6 +73,9 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
                 fields["sample_every"] = gr.Number(preset["sample_every"], label="Sample every N steps",
                                                    precision=0, minimum=0, info="0: no samples.",
                                                    elem_id="sample-every")
+            gpus = gr.Number(max(GPUS, 1), minimum=1, maximum=max(GPUS, 1), precision=0, visible=GPUS > 1, elem_id="gpus",
+                             label=f"GPUs to use ({GPUS} visible)", info="More than one trains data-parallel "
+                             "through accelerate/torchrun; the batch is per GPU.")
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -112,18 +119,18 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
 
     preset_in.change(preset_chosen, [preset_in, base_box], [fields[key] for key in PRESET_FIELDS])
 
-    def started(base_text: str, rows: list[list[str]], *values) -> tuple:
+    def started(base_text: str, rows: list[list[str]], processes: float, *values) -> tuple:
         form = TrainForm(**dict(zip(FORM_FIELDS, values, strict=True)))
         try:
             if form.folder:
                 save_captions(form.folder, rows)
             config = make_config(form, base_spec(base_text), ctx.outputs, pending_names(ctx.queue.jobs()))
-            job = ctx.queue.submit(config)
+            job = ctx.queue.submit(config, processes=int(processes or 1))
         except USER_ERRORS as error:
             return problem(error), gr.skip()
         return f"Job {job.id} submitted: training `{config.name}`.", gr.Timer(active=True)
 
-    start.click(started, [base_box, captions, *(fields[key] for key in FORM_FIELDS)], [start_msg, timer])
+    start.click(started, [base_box, captions, gpus, *(fields[key] for key in FORM_FIELDS)], [start_msg, timer])
 
     def cancelled(job_id: int | None) -> str:
         """Cancel the job the page shows (not whichever runs by the time the click arrives)."""

@@ -182,6 +182,9 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     noise_rng = torch.Generator(device=device).manual_seed(config.seed)
 
     # 7. Resume: LoRA weights, optimizer, schedule and random state from the newest checkpoint.
+    if accelerator.is_main_process:
+        run.cancel_file.unlink(missing_ok=True)  # a request that stopped the run before is done with
+    accelerator.wait_for_everyone()
     start_step = 0
     checkpoint = run.latest_checkpoint() if config.resume else None
     if checkpoint is not None:
@@ -245,7 +248,10 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
                     elapsed_s=round(elapsed, 3), eta_s=round(per_step * (config.steps - step), 1),
                     images_per_s=round(config.batch_size * config.grad_accum / per_step, 3))
 
-        cancelled = cancel is not None and cancel.is_set()
+        cancelled = (cancel is not None and cancel.is_set()) or run.cancel_file.exists()
+        if accelerator.num_processes > 1:  # every process must stop at the same step
+            flag = torch.tensor(float(cancelled), device=device)
+            cancelled = bool(accelerator.reduce(flag, "sum").item() > 0)
         periodic = config.save_every and (step % config.save_every == 0 or step == config.steps)
         if periodic or cancelled:  # a cancelled run always keeps a checkpoint to resume from
             accelerator.wait_for_everyone()

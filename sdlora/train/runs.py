@@ -31,6 +31,11 @@ class RunFolder:
         return self.path / "checkpoints"
 
     @property
+    def cancel_file(self) -> Path:
+        """Creating this file asks a running training (in any process) to stop after its step."""
+        return self.path / "CANCEL"
+
+    @property
     def config(self) -> Path:
         return self.path / "config.json"
 

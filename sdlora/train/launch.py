@@ -1,0 +1,77 @@
+"""Training on several GPUs from inside a program (the app's queue): `train`'s contract, run under torchrun.
+
+The CLI user runs `accelerate launch -m sdlora train ...` or `torchrun ...` directly; this module does
+the same for a caller that holds a job: it starts the processes, follows the run's event stream, and
+turns a cancel request into the run folder's CANCEL file, which every process sees at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sdlora.config import TrainConfig, dump_toml
+from sdlora.train.events import EventHandler, read_events
+from sdlora.train.loop import TrainingError, TrainResult, adapter_name
+from sdlora.train.runs import RunFolder
+
+POLL_SECONDS = 0.2
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHandler | None = None,
+                      cancel: threading.Event | None = None) -> TrainResult:
+    """Train with `processes` data-parallel processes (one per GPU; gloo on a CPU)."""
+    config.validate()
+    runs = Path(config.outputs) / "runs"
+    existing = {p for p in runs.glob(f"{adapter_name(config)}-*")}
+    run = RunFolder(Path(config.resume)) if config.resume and config.resume != "latest" else None
+    seen = len(read_events(run.events)) if run else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        job_file, log_file = Path(tmp) / "job.toml", Path(tmp) / "log.txt"
+        job_file.write_text(dump_toml(config))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                   "-m", "sdlora", "train", "--config", str(job_file)]
+        with open(log_file, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            while True:
+                finished = process.poll() is not None
+                if run is None:
+                    new = sorted(set(runs.glob(f"{adapter_name(config)}-*")) - existing)
+                    run = RunFolder(new[-1]) if new else None
+                if run is not None:
+                    events = read_events(run.events)
+                    for event in events[seen:]:
+                        if on_event:
+                            on_event(event)
+                    seen = len(events)
+                    if cancel is not None and cancel.is_set():
+                        run.cancel_file.touch()
+                if finished:
+                    break
+                time.sleep(POLL_SECONDS)
+        if process.returncode != 0:
+            tail = log_file.read_text(errors="replace")[-2000:]
+            raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n{tail}")
+    last = read_events(run.events)[-1]
+    adapter = Path(config.out) if config.out else Path(config.outputs) / "adapters" / f"{adapter_name(config)}.safetensors"
+    return TrainResult(adapter, run.path, last.get("step", 0), last.get("loss", float("nan")),
+                       last.get("elapsed_s", 0.0), cancelled=last["event"] == "cancelled")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
