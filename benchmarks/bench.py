@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,8 +51,14 @@ def run_sdlora(args: argparse.Namespace, work: Path) -> dict:
 
 def run_reference(args: argparse.Namespace, work: Path) -> dict:
     """diffusers' train_dreambooth_lora.py with the same settings; step times from its tqdm bar."""
-    command = [sys.executable, str(args.reference), "--pretrained_model_name_or_path", args.base_path,
-               "--instance_data_dir", str(args.data), "--instance_prompt", args.prompt,
+    from sdlora.data import list_images
+
+    images = work / "reference_data"  # it opens every file in the folder as an image: no captions
+    images.mkdir()
+    for path in list_images(args.data):
+        shutil.copy(path, images / path.name)
+    command = [args.reference_python, str(args.reference), "--pretrained_model_name_or_path", args.base_path,
+               "--instance_data_dir", str(images), "--instance_prompt", args.prompt, "--lr_warmup_steps", "0",
                "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
                "--rank", str(args.rank), "--max_train_steps", str(args.steps), "--learning_rate", "1e-4",
                "--mixed_precision", args.precision if args.precision != "auto" else "no",
@@ -141,6 +148,8 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--reference", type=Path, help="Path to diffusers' examples/dreambooth/train_dreambooth_lora.py")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="Interpreter for the reference script (it needs torchvision, which sdlora does not).")
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-images", type=int, default=5)
     parser.add_argument("--skip-generation", action="store_true")
