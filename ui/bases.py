@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from sdlora.demo import DEMO_MODEL_DIR, demo_model_available
+from sdlora.models import base_label
 
 DEMO_KEYWORD = "demo"
+
+__all__ = ["DEMO_KEYWORD", "base_label", "base_notice", "base_spec", "is_demo"]
 
 
 def base_spec(text: str | None) -> str | None:
@@ -31,8 +34,3 @@ def base_notice(text: str | None) -> str:
                 f"`sdlora demo-model build`. {how}")
     return ("**Using the bundled demo model**: a tiny model that only draws simple coloured shapes at 32×32 px, "
             f"so training and generating run in seconds on a CPU. {how}")
-
-
-def base_label(spec: str) -> str:
-    """A short name for a base model in tables: 'demo' for the bundled model, else its last path part."""
-    return DEMO_KEYWORD if is_demo(spec) else Path(spec).name

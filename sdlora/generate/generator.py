@@ -18,9 +18,8 @@ from PIL import Image
 import sdlora
 from sdlora.adapters import AdapterError, check_compatibility, read_lora
 from sdlora.adapters.formats import diffusers_state_dict
-from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.files import safe_name
-from sdlora.models import load_base, native_resolution
+from sdlora.models import base_label, load_base, native_resolution
 
 # name -> (scheduler class, extra config, the name other tools print for it)
 SCHEDULERS = {
@@ -190,11 +189,6 @@ def _file_stamp(path: Path) -> tuple:
     """When and how big: changes whenever an adapter file (or a peft folder's files) is rewritten."""
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
     try:
-        return tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.is_file())
+        return tuple((st.st_mtime_ns, st.st_size) for st in (f.stat() for f in files if f.is_file()))
     except OSError:
         return ()
-
-
-def base_label(base: str) -> str:
-    """How a base is named in image parameters: the demo model by that name, others by folder or file."""
-    return "sdlora-demo" if Path(base).resolve() == DEMO_MODEL_DIR else Path(base).name

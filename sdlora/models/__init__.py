@@ -3,6 +3,7 @@
 from sdlora.models.loading import (
     BaseModelError,
     ModelFamily,
+    base_label,
     bucket_step,
     load_base,
     model_family,
@@ -13,6 +14,7 @@ from sdlora.models.loading import (
 __all__ = [
     "BaseModelError",
     "ModelFamily",
+    "base_label",
     "bucket_step",
     "load_base",
     "model_family",

@@ -101,6 +101,12 @@ def _load_from_hub(spec: str, common: dict) -> DiffusionPipeline:
         ) from error
 
 
+def base_label(spec: str) -> str:
+    """A short name for a base in tables and image parameters: 'demo' for the bundled model, else the
+    last part of its path or hub id."""
+    return "demo" if Path(spec).resolve() == DEMO_MODEL_DIR else Path(spec).name
+
+
 def model_family(pipe: DiffusionPipeline) -> ModelFamily:
     """SD 1.x, SD 2.x or SDXL, judged from the pipeline's parts."""
     if getattr(pipe, "text_encoder_2", None) is not None:

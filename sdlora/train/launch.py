@@ -20,7 +20,7 @@ import torch
 
 from sdlora.config import TrainConfig, dump_toml
 from sdlora.train.events import EventHandler, read_events
-from sdlora.train.loop import TrainingError, TrainResult, adapter_name
+from sdlora.train.loop import TrainingError, TrainResult, adapter_file, adapter_name
 from sdlora.train.runs import RunFolder
 
 POLL_SECONDS = 0.2
@@ -34,8 +34,8 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
                       cancel: threading.Event | None = None) -> TrainResult:
     """Train with `processes` data-parallel processes (one per GPU; gloo on a CPU)."""
     config.validate()
-    runs = Path(config.outputs) / "runs"
-    existing = {p for p in runs.glob(f"{adapter_name(config)}-*")}
+    runs, pattern = Path(config.outputs) / "runs", f"{adapter_name(config)}-*"
+    existing = set(runs.glob(pattern))
     run = RunFolder(Path(config.resume)) if config.resume and config.resume != "latest" else None
     seen = len(read_events(run.events)) if run else 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +49,7 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
             while True:
                 finished = process.poll() is not None
                 if run is None:
-                    new = sorted(set(runs.glob(f"{adapter_name(config)}-*")) - existing)
+                    new = sorted(set(runs.glob(pattern)) - existing)
                     run = RunFolder(new[-1]) if new else None
                 if run is not None:
                     events = read_events(run.events)
@@ -66,8 +66,7 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
             tail = log_file.read_text(errors="replace")[-2000:]
             raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n{tail}")
     last = read_events(run.events)[-1]
-    adapter = Path(config.out) if config.out else Path(config.outputs) / "adapters" / f"{adapter_name(config)}.safetensors"
-    return TrainResult(adapter, run.path, last.get("step", 0), last.get("loss", float("nan")),
+    return TrainResult(adapter_file(config), run.path, last.get("step", 0), last.get("loss", float("nan")),
                        last.get("elapsed_s", 0.0), cancelled=last["event"] == "cancelled")
 
 

@@ -91,9 +91,8 @@ def train(config: TrainConfig, *, on_event: EventHandler | None = None,
     items = scan_folder(config.data_dir, config.prompt)
     base = resolve_base(config.base)
     name = adapter_name(config)
-    outputs = Path(config.outputs)
-    adapter_path = Path(config.out) if config.out else outputs / "adapters" / f"{name}.safetensors"
-    runs_dir = outputs / "runs"
+    adapter_path = adapter_file(config)
+    runs_dir = Path(config.outputs) / "runs"
     run = find_run_to_resume(runs_dir, name, config.resume) if config.resume else None
 
     # cpu=True without CUDA lets torchrun/accelerate launch join CPU processes with gloo.
@@ -300,6 +299,11 @@ def _last_good(run: RunFolder) -> str:
 def tag_frequency(items: list[Item]) -> dict[str, int]:
     """How many training images carry each comma-separated caption tag (kohya's ss_tag_frequency)."""
     return dict(Counter(tag.strip() for item in items for tag in set(item.caption.split(",")) if tag.strip()))
+
+
+def adapter_file(config: TrainConfig) -> Path:
+    """Where the finished adapter goes: --out, else OUTPUTS/adapters/NAME.safetensors."""
+    return Path(config.out) if config.out else Path(config.outputs) / "adapters" / f"{adapter_name(config)}.safetensors"
 
 
 def adapter_name(config: TrainConfig) -> str:
