@@ -96,16 +96,6 @@ def lora_from_peft(parts: dict[str, tuple[dict[str, torch.Tensor], float]], meta
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def detect_format(path: str | Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return "peft"
-    tensors, _ = read_adapter(path)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
-        return "kohya"
-    return "diffusers"
-
-
 def read_lora(path: str | Path) -> LoraFile:
     """Read a LoRA in any of the three layouts (a peft folder, or a .safetensors file)."""
     path = Path(path)
