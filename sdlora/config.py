@@ -63,6 +63,10 @@ class TrainConfig:
     mixed_precision: str = option("auto", "Mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), no, fp16, bf16.",
                                   choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the U-Net.")
+    tf32: bool = option(True, "Let fp32 matrix maths use TF32 on Ampere and newer GPUs (faster, tiny precision cost).")
+    channels_last: bool = option(False, "Channels-last memory layout for the U-Net's convolutions (can help on GPUs "
+                                        "with bf16/fp16).")
+    compile: bool = option(False, "Compile the U-Net with torch.compile: a slower start for faster steps.")
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (5.0 is the usual value).")
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
     seed: int = option(0, "Random seed; the same seed and settings give the same adapter.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -162,3 +164,52 @@ def test_memory_and_schedule_options_train(tiny_base, blob_folder, tmp_path):
     events = read_events(result.run / "events.jsonl")
     lrs = [e["lr"] for e in events if e["event"] == "step"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warmed up, then decaying
+
+
+def adapter_learned(path) -> torch.Tensor:
+    """All LoRA B weights of an adapter file: they start at zero, so they hold what training learned."""
+    weights = load_file(path)
+    return torch.cat([weights[key].flatten() for key in sorted(weights) if "lora_B" in key])
+
+
+def step_losses(result) -> list[float]:
+    return [e["loss"] for e in read_events(result.run / "events.jsonl") if e["event"] == "step"]
+
+
+def test_channels_last_trains_the_same_adapter(tiny_base, blob_folder, tmp_path):
+    plain = train(train_config(blob_folder, tiny_base, tmp_path / "plain", steps=2))
+    fast = train(train_config(blob_folder, tiny_base, tmp_path / "fast", steps=2, channels_last=True))
+    start = next(e for e in read_events(fast.run / "events.jsonl") if e["event"] == "start")
+    assert start["channels_last"] is True
+    assert start["attention"] == "AttnProcessor2_0"  # PyTorch's fused scaled_dot_product_attention
+    torch.testing.assert_close(adapter_learned(fast.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compiler_is_right", [True, False])
+def test_compile_is_used_only_when_its_gradients_match_eager(tiny_base, blob_folder, tmp_path, monkeypatch,
+                                                             compiler_is_right):
+    """--compile checks the compiled U-Net's LoRA gradients against eager ones on the first batch and
+    trains without it, saying so, when they differ (inductor has miscompiled LoRA gradients before)."""
+
+    real_compile = torch.compile
+
+    def fake_compile(module, **options):  # dynamo's eager backend: traced, not code-generated, so quick
+        compiled = real_compile(module, backend="eager", **options)
+        return compiled if compiler_is_right else lambda *a, **k: type("Out", (), {"sample": 0.5 * compiled(*a, **k).sample})
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    plain = train(train_config(blob_folder, tiny_base, tmp_path / "plain", steps=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(train_config(blob_folder, tiny_base, tmp_path / "compiled", steps=2, compile=True))
+    events = read_events(result.run / "events.jsonl")
+    start = next(e for e in events if e["event"] == "start")
+    assert start["compiled"] is compiler_is_right
+    warned = [e["message"] for e in events if e["event"] == "warning"]
+    if compiler_is_right:
+        assert start["compile_gradient_error"] < 1e-3 and not warned
+    else:
+        assert start["compile_gradient_error"] > 0.1
+        assert "training without it" in warned[0] and any("torch.compile" in str(w.message) for w in caught)
+    assert step_losses(result) == pytest.approx(step_losses(plain), rel=1e-4)
+    torch.testing.assert_close(adapter_learned(result.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4)

@@ -1,0 +1,44 @@
+"""The benchmark's yardsticks: full-size architectures built from their configs, FLOPs counted per step,
+and the script itself running end to end on the demo model, as the README says."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from benchmarks.architectures import ARCHITECTURES, lora_step_tflops
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("arch", "parameters"), [("sd15", 859_520_964), ("sdxl", 2_567_463_684)])
+def test_architectures_have_the_published_sizes(arch, parameters):
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ARCHITECTURES[arch][0])
+    assert sum(p.numel() for p in unet.parameters()) == parameters
+
+
+def test_a_lora_step_on_sd15_costs_about_1_7_tflop_per_image():
+    config, resolution = ARCHITECTURES["sd15"]
+    one = lora_step_tflops(dict(config), resolution)
+    assert one == pytest.approx(1.7, rel=0.05)
+    assert lora_step_tflops(dict(config), resolution, batch=4) == pytest.approx(4 * one, rel=1e-6)
+    assert lora_step_tflops(dict(config), resolution, targets="cross") < one  # fewer LoRA layers, less work
+
+
+def test_benchmark_runs_on_the_demo_model(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--steps", "6",
+                             "--skip-generation", "--variant", "", "--variant=--channels-last"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout)
+    assert [row["trainer"] for row in figures["training"]] == ["sdlora", "sdlora --channels-last"]
+    assert figures["unet_tflop_per_image"] > 0
+    for row in figures["training"]:
+        assert row["images_per_s"] > 0 and row["peak_rss_mib"] > 0 and row["unet_tflop_per_s"] > 0
