@@ -60,7 +60,7 @@ class TrainConfig:
     optimizer: str = option("adamw", "Optimizer; adamw8bit needs CUDA and bitsandbytes.", choices=("adamw", "adamw8bit"))
     weight_decay: float = option(1e-2, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 to disable).")
-    mixed_precision: str = option("auto", "Mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), no, fp16, bf16.",
+    mixed_precision: str = option("auto", "Mixed precision: auto (bf16 or fp16 on CUDA, none on CPU), no, fp16 (CUDA), bf16.",
                                   choices=("auto", "no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the U-Net.")
     tf32: bool = option(True, "Let fp32 matrix maths use TF32 on Ampere and newer GPUs (faster, tiny precision cost).")

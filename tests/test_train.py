@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from sdlora.adapters import read_adapter, summarize
 from sdlora.config import ConfigError
 from sdlora.data import DataError
-from sdlora.train import read_events, train
+from sdlora.train import TrainingError, read_events, train
 from tests.conftest import train_config
 
 
@@ -213,3 +213,18 @@ def test_compile_is_used_only_when_its_gradients_match_eager(tiny_base, blob_fol
         assert "training without it" in warned[0] and any("torch.compile" in str(w.message) for w in caught)
     assert step_losses(result) == pytest.approx(step_losses(plain), rel=1e-4)
     torch.testing.assert_close(adapter_learned(result.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_mixed_precision_learns_what_fp32_learns(tiny_base, blob_folder, tmp_path):
+    """The GPU default (bf16 autocast, frozen weights in bf16, LoRA weights kept in fp32) runs on the CPU too."""
+    plain = train(train_config(blob_folder, tiny_base, tmp_path / "fp32", steps=4))
+    mixed = train(train_config(blob_folder, tiny_base, tmp_path / "bf16", steps=4, mixed_precision="bf16"))
+    start = next(e for e in read_events(mixed.run / "events.jsonl") if e["event"] == "start")
+    assert start["mixed_precision"] == "bf16"
+    assert {t.dtype for t in load_file(mixed.adapter).values()} == {torch.float32}
+    learned, reference = adapter_learned(mixed.adapter), adapter_learned(plain.adapter)
+    assert torch.nn.functional.cosine_similarity(learned, reference, dim=0) > 0.9
+    assert step_losses(mixed) == pytest.approx(step_losses(plain), rel=0.05)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="fp16 needs a CUDA GPU"):
+            train(train_config(blob_folder, tiny_base, tmp_path / "fp16", steps=1, mixed_precision="fp16"))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -97,6 +98,9 @@ def train(config: TrainConfig, *, on_event: EventHandler | None = None,
     runs_dir = Path(config.outputs) / "runs"
     run = find_run_to_resume(runs_dir, name, config.resume) if config.resume else None
 
+    # accelerate keeps one precision per process, but one process may run several jobs (the app's
+    # queue runs them one at a time): each job starts that state afresh. The process group stays.
+    AcceleratorState._reset_state()
     # cpu=True without CUDA lets torchrun/accelerate launch join CPU processes with gloo.
     accelerator = Accelerator(mixed_precision=_precision(config.mixed_precision),
                               gradient_accumulation_steps=config.grad_accum, cpu=not torch.cuda.is_available())
@@ -373,8 +377,8 @@ def compile_unet(ctx: LossContext, batch: tuple[list[Example], list[Example]],
 
 def _precision(requested: str) -> str:
     if requested != "auto":
-        if requested != "no" and not torch.cuda.is_available():
-            raise TrainingError(f"--mixed-precision {requested} needs a CUDA GPU; use 'no' or 'auto' on the CPU.")
+        if requested == "fp16" and not torch.cuda.is_available():  # bf16 autocast also runs on CPUs
+            raise TrainingError("--mixed-precision fp16 needs a CUDA GPU; use bf16, 'no' or 'auto' on the CPU.")
         return requested
     if not torch.cuda.is_available():
         return "no"
