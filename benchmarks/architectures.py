@@ -112,3 +112,16 @@ def lora_step_tflops(unet_config: dict, resolution: int, batch: int = 1, rank: i
     with counter:
         unet(noisy, timesteps, context, **extra).sample.float().pow(2).mean().backward()
     return counter.get_total_flops() / 1e12
+
+
+def main() -> None:
+    """Print what one LoRA step costs on each architecture at its native size: `python -m benchmarks.architectures`."""
+    for arch, (config, resolution) in ARCHITECTURES.items():
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
+        print(f"{arch}: U-Net {parameters / 1e6:.1f} M parameters; one rank-8 LoRA step at {resolution} px: "
+              f"{lora_step_tflops(config, resolution):.3f} TFLOP per image")
+
+
+if __name__ == "__main__":
+    main()
