@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
 import shutil
 import statistics
@@ -54,23 +53,24 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     command += shlex.split(variant)
     wall, peak, gpu = _run(command, work)
     events = [json.loads(line) for line in next((outputs / "runs").glob("bench-*")).joinpath("events.jsonl").open()]
-    steps = [e for e in events if e["event"] == "step"]
-    step_times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:], strict=False)][WARMUP_STEPS:]
-    figures = _figures(f"sdlora {variant}".strip(), statistics.median(step_times), args.batch_size, wall, peak, gpu)
+    stamps = [e["elapsed_s"] for e in events if e["event"] == "step"]
+    figures = _figures(f"sdlora {variant}".strip(), _steady_step(stamps), args.batch_size, wall, peak, gpu)
     if events[-1].get("peak_gpu_memory_mib"):
         figures["peak_allocated_mib"] = round(events[-1]["peak_gpu_memory_mib"])
     return figures
 
 
 def run_reference(args: argparse.Namespace, work: Path) -> dict:
-    """diffusers' train_dreambooth_lora.py with the same settings; step times from its tqdm bar."""
+    """diffusers' train_dreambooth_lora.py with the same settings, timed per step by step_timer.py."""
     from sdlora.data import list_images
 
     images = work / "reference_data"  # it opens every file in the folder as an image: no captions
     images.mkdir()
     for path in list_images(args.data):
         shutil.copy(path, images / path.name)
-    command = [args.reference_python, str(args.reference), "--pretrained_model_name_or_path", args.base_path,
+    times = work / "reference_steps.json"
+    command = [args.reference_python, str(ROOT / "benchmarks" / "step_timer.py"), str(times), str(args.reference),
+               "--pretrained_model_name_or_path", args.base_path,
                "--instance_data_dir", str(images), "--instance_prompt", args.prompt, "--lr_warmup_steps", "0",
                "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
                "--rank", str(args.rank), "--max_train_steps", str(args.steps), "--learning_rate", "1e-4",
@@ -79,17 +79,17 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
                "--dataloader_num_workers", "0"]
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
-    wall, peak, gpu, output = _run(command, work, capture=True)
-    # tqdm prints "Steps:  40%|...| 8/20 [00:03<00:04, 2.61it/s, ...]" or "s/it"; keep the last rates.
-    rates = re.findall(r"(\d+)/\d+ \[[^\]]*?([\d.]+)(it/s|s/it)", output)
-    if not rates:
-        raise RuntimeError(f"Could not read step rates from the reference script:\n{output[-3000:]}")
-    per_step = [(1 / float(r) if unit == "it/s" else float(r)) for step, r, unit in rates
-                if int(step) > WARMUP_STEPS]
-    return _figures("reference", per_step[-1], args.batch_size, wall, peak, gpu)
+    wall, peak, gpu = _run(command, work)
+    stamps = json.loads(times.read_text())
+    return _figures("reference", _steady_step(stamps), args.batch_size, wall, peak, gpu)
 
 
-def _run(command: list[str], work: Path, capture: bool = False):
+def _steady_step(stamps: list[float]) -> float:
+    """The median time between finished steps, the first WARMUP_STEPS left out (compilation, caches)."""
+    return statistics.median([b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP_STEPS:])
+
+
+def _run(command: list[str], work: Path) -> tuple[float, float, int | None]:
     """Run one trainer: its wall time, its own peak RSS (from wait4, not the max over all children) and,
     on a GPU, the most device memory in use while it ran above what was in use before it started."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -106,7 +106,7 @@ def _run(command: list[str], work: Path, capture: bool = False):
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} failed:\n{output[-3000:]}")
     peak = usage.ru_maxrss / 1024  # KiB -> MiB
-    return (wall, peak, gpu, output) if capture else (wall, peak, gpu)
+    return wall, peak, gpu
 
 
 class GpuMemoryWatch:
@@ -212,7 +212,9 @@ def main() -> None:
                              "--variant='--optimizer adamw8bit'; repeat for several (\"\" is the plain run).")
     parser.add_argument("--peak-tflops", type=float,
                         help="The GPU's dense bf16 peak, when its name is not in the built-in table.")
-    parser.add_argument("--reference", type=Path, help="Path to diffusers' examples/dreambooth/train_dreambooth_lora.py")
+    parser.add_argument("--reference", type=Path,
+                        help="Path to diffusers' examples/dreambooth/train_dreambooth_lora.py "
+                             "(train_dreambooth_lora_sdxl.py for an SDXL base).")
     parser.add_argument("--reference-python", default=sys.executable,
                         help="Interpreter for the reference script (it needs torchvision, which sdlora does not).")
     parser.add_argument("--gen-steps", type=int, default=20)

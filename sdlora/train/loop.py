@@ -266,7 +266,7 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
         elapsed = time.perf_counter() - started
         per_step = elapsed / (step - start_step)
         events.emit("step", step=step, total=config.steps, loss=loss_value, lr=lr_scheduler.get_last_lr()[0],
-                    elapsed_s=round(elapsed, 3), eta_s=round(per_step * (config.steps - step), 1),
+                    elapsed_s=round(elapsed, 4), eta_s=round(per_step * (config.steps - step), 1),
                     images_per_s=round(config.batch_size * config.grad_accum / per_step, 3))
 
         cancelled = (cancel is not None and cancel.is_set()) or run.cancel_file.exists()
@@ -520,7 +520,9 @@ def make_optimizer(config: TrainConfig, groups: list[dict], device) -> torch.opt
         except ImportError as error:
             raise TrainingError("--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[cuda]'.") from error
         return bnb.optim.AdamW8bit(groups, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    # The fused kernel updates every LoRA tensor in one pass (CPU and CUDA); the default loops over
+    # them one by one on the CPU, which costs more than the update itself for small LoRAs.
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=True)
 
 
 def lora_state(accelerator: Accelerator, parts: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
