@@ -51,7 +51,7 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     command += shlex.split(variant)
-    wall, peak, gpu = _run(command, work)
+    wall, peak, gpu = _run("sdlora", command, work)
     events = [json.loads(line) for line in next((outputs / "runs").glob("bench-*")).joinpath("events.jsonl").open()]
     stamps = [e["elapsed_s"] for e in events if e["event"] == "step"]
     figures = _figures(f"sdlora {variant}".strip(), _steady_step(stamps), args.batch_size, wall, peak, gpu)
@@ -79,7 +79,7 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
                "--dataloader_num_workers", "0"]
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
-    wall, peak, gpu = _run(command, work)
+    wall, peak, gpu = _run("the reference script", command, work)
     stamps = json.loads(times.read_text())
     return _figures("reference", _steady_step(stamps), args.batch_size, wall, peak, gpu)
 
@@ -89,7 +89,7 @@ def _steady_step(stamps: list[float]) -> float:
     return statistics.median([b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP_STEPS:])
 
 
-def _run(command: list[str], work: Path) -> tuple[float, float, int | None]:
+def _run(name: str, command: list[str], work: Path) -> tuple[float, float, int | None]:
     """Run one trainer: its wall time, its own peak RSS (from wait4, not the max over all children) and,
     on a GPU, the most device memory in use while it ran above what was in use before it started."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -104,9 +104,18 @@ def _run(command: list[str], work: Path) -> tuple[float, float, int | None]:
         output = log.read()
     gpu = watch.stop() if watch else None
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:4])} failed:\n{output[-3000:]}")
+        how = "was killed (out of memory?)" if process.returncode == -9 else f"exited with {process.returncode}"
+        raise TrainerFailed(f"{name} {how}", output[-3000:])
     peak = usage.ru_maxrss / 1024  # KiB -> MiB
     return wall, peak, gpu
+
+
+class TrainerFailed(RuntimeError):
+    """One trainer's run failed; the benchmark reports it beside the figures it did get."""
+
+    def __init__(self, summary: str, output: str):
+        super().__init__(f"{summary}:\n{output}")
+        self.summary = summary
 
 
 class GpuMemoryWatch:
@@ -244,10 +253,15 @@ def main() -> None:
                    "unet_tflop_per_image": round(tflop, 6), "peak_bf16_tflops": peak}
         training = [run_sdlora(args, work, variant) for variant in args.variant or [""]]
         if args.reference:
-            training.append(run_reference(args, work))
+            try:
+                training.append(run_reference(args, work))
+            except TrainerFailed as failure:
+                print(failure, file=sys.stderr)
+                training.append({"trainer": "reference", "failed": failure.summary})
         for row in training:
-            add_flop_figures(row, tflop, peak)
-        if args.reference:
+            if "images_per_s" in row:
+                add_flop_figures(row, tflop, peak)
+        if args.reference and "images_per_s" in training[-1]:
             ours, reference = training[0], training[-1]
             ratio = {"trainer": "ratio sdlora/reference",
                      "images_per_s": round(ours["images_per_s"] / reference["images_per_s"], 2),

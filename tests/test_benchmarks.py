@@ -42,3 +42,24 @@ def test_benchmark_runs_on_the_demo_model(tmp_path):
     assert figures["unet_tflop_per_image"] > 0
     for row in figures["training"]:
         assert row["images_per_s"] > 0 and row["peak_rss_mib"] > 0 and row["unet_tflop_per_s"] > 0
+
+
+def test_step_timer_times_only_the_training_bar(tmp_path):
+    """The reference script is timed per finished step by its "Steps" bar; other bars (loading) don't count."""
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from tqdm.auto import tqdm\n"
+        "loading = tqdm(total=3, desc='Loading pipeline components')\n"
+        "loading.update(3)\n"
+        "steps = tqdm(total=5, desc='Steps')\n"
+        "for _ in range(5):\n"
+        "    time.sleep(0.02)\n"
+        "    steps.update(1)\n"
+        "assert sys.argv[1:] == ['--max_train_steps', '5']\n")
+    times = tmp_path / "times.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_timer.py"), str(times), str(script),
+                    "--max_train_steps", "5"], check=True, capture_output=True)
+    stamps = json.loads(times.read_text())
+    assert len(stamps) == 5
+    assert all(0.015 < b - a < 1.0 for a, b in zip(stamps, stamps[1:], strict=False))
