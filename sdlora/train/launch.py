@@ -63,11 +63,19 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
                     break
                 time.sleep(POLL_SECONDS)
         if process.returncode != 0:
-            tail = log_file.read_text(errors="replace")[-2000:]
-            raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n{tail}")
+            raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n"
+                                f"{_failure_excerpt(log_file.read_text(errors='replace'))}")
     last = read_events(run.events)[-1]
     return TrainResult(adapter_file(config), run.path, last.get("step", 0), last.get("loss", float("nan")),
                        last.get("elapsed_s", 0.0), cancelled=last["event"] == "cancelled")
+
+
+def _failure_excerpt(log: str, size: int = 2000) -> str:
+    """The first process's error (where the cause is) and the end of the log (torchrun's summary)."""
+    first = log.find("Traceback")
+    if first == -1 or first >= len(log) - size:
+        return log[-size:]
+    return f"{log[first:first + size]}\n...\n{log[-size:]}"
 
 
 def _free_port() -> int:
