@@ -1,0 +1,1 @@
+"""Benchmarks: throughput beside the reference trainer, full-size architectures, FLOP counts."""
