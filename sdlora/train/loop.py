@@ -113,6 +113,11 @@ def train(config: TrainConfig, *, on_event: EventHandler | None = None,
     except Exception as error:
         events.emit("error", message=f"{type(error).__name__}: {error}")
         raise
+    finally:
+        if accelerator.num_processes > 1:
+            # Leave the process group before the interpreter exits: gloo's worker threads can
+            # otherwise abort the process during finalization (SIGABRT), failing a finished run.
+            accelerator.end_training()
 
 
 def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter_path: Path, run: RunFolder,
