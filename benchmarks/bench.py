@@ -41,6 +41,8 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100"
 
 def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     """sdlora's trainer in a child process, with a variant's extra flags; step times from its event stream."""
+    from sdlora.train import read_events
+
     outputs = work / f"sdlora-{len(list(work.glob('sdlora-*')))}"
     command = [sys.executable, "-m", "sdlora", "train", str(args.data), "--prompt", args.prompt,
                "--steps", str(args.steps), "--rank", str(args.rank), "--batch-size", str(args.batch_size),
@@ -52,7 +54,7 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
         command.append("--gradient-checkpointing")
     command += shlex.split(variant)
     wall, peak, gpu = _run("sdlora", command, work)
-    events = [json.loads(line) for line in next((outputs / "runs").glob("bench-*")).joinpath("events.jsonl").open()]
+    events = read_events(next((outputs / "runs").glob("bench-*")) / "events.jsonl")
     stamps = [e["elapsed_s"] for e in events if e["event"] == "step"]
     figures = _figures(f"sdlora {variant}".strip(), _steady_step(stamps), args.batch_size, wall, peak, gpu)
     if events[-1].get("peak_gpu_memory_mib"):

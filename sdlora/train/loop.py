@@ -207,7 +207,8 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
         noise_rng.set_state(state.rng["noise"])
         start_step = state.step
     # Batches are drawn at the global size; each process trains on its share (see diffusion_loss).
-    batches = training_batches(examples, class_examples, config.batch_size * accelerator.num_processes, config.seed)
+    global_batch = config.batch_size * accelerator.num_processes
+    batches = training_batches(examples, class_examples, global_batch, config.seed)
     for _ in range(start_step * config.grad_accum):
         next(batches)  # replay the data order up to the checkpoint
 
@@ -217,8 +218,7 @@ def _train(config: TrainConfig, items: list[Item], base: str, name: str, adapter
     for model in trainables:
         model.train()
     if config.compile:
-        first = next(training_batches(examples, class_examples, config.batch_size * accelerator.num_processes,
-                                      config.seed))
+        first = next(training_batches(examples, class_examples, global_batch, config.seed))  # not consumed
         compiled, error = compile_unet(ctx, first, params)
         error = accelerator.reduce(torch.tensor(error, device=device), "max").item()  # all processes agree
         if error <= COMPILE_TOLERANCE:
