@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 _UNSAFE_NAME = re.compile(r"[^\w.-]+", re.UNICODE)
@@ -63,3 +64,14 @@ def safe_name(name: str, default: str = "adapter") -> str:
     """A file-system-safe name: letters (any script), digits, '.', '_' and '-'; no path parts."""
     cleaned = _UNSAFE_NAME.sub("_", name.strip()).strip("._")
     return cleaned[:100] or default
+
+
+def new_stamped_folder(parent: Path, name: str) -> Path:
+    """A new, empty PARENT/NAME-YYYYmmdd-HHMMSS folder (-2, -3, ... appended if that one exists)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, suffix = parent / f"{name}-{stamp}", 1
+    while path.exists():
+        suffix += 1
+        path = parent / f"{name}-{stamp}-{suffix}"
+    path.mkdir(parents=True)
+    return path

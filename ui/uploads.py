@@ -12,11 +12,10 @@ import shutil
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
-from sdlora.files import atomic_write_text, safe_name
+from sdlora.files import atomic_write_text, new_stamped_folder, safe_name
 
 CAPTION_SUFFIX = ".txt"
 # A zip is unpacked only if it is modest: this stops a small "zip bomb" from filling the disk.
@@ -53,7 +52,7 @@ def stage_upload(paths: Sequence[str | Path] | None, uploads_dir: Path) -> Stage
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
     name = zips[0].stem if zips else suggest_name([p.stem for p in files if _is_image(p.name)])
-    folder = _new_folder(uploads_dir, name)
+    folder = new_stamped_folder(uploads_dir, safe_name(name))
     try:
         skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
         skipped += _drop_unreadable_images(folder)
@@ -80,17 +79,6 @@ def suggest_name(stems: Sequence[str]) -> str:
 
 def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _new_folder(uploads_dir: Path, name: str) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = uploads_dir / f"{safe_name(name)}-{stamp}"
-    folder, suffix = base, 1
-    while folder.exists():
-        suffix += 1
-        folder = base.with_name(f"{base.name}-{suffix}")
-    folder.mkdir(parents=True)
-    return folder
 
 
 def _target_name(name: str, folder: Path, skipped: list[str]) -> Path | None:

@@ -6,11 +6,10 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from sdlora.config import ConfigError, TrainConfig
-from sdlora.files import atomic_write_text
+from sdlora.files import atomic_write_text, new_stamped_folder
 from sdlora.train.checkpoint import list_checkpoints
 
 
@@ -48,14 +47,7 @@ class RunFolder:
 
 
 def new_run(runs_dir: Path, name: str) -> RunFolder:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = runs_dir / f"{name}-{stamp}"
-    suffix = 1
-    while path.exists():
-        suffix += 1
-        path = runs_dir / f"{name}-{stamp}-{suffix}"
-    path.mkdir(parents=True)
-    return RunFolder(path)
+    return RunFolder(new_stamped_folder(runs_dir, name))
 
 
 def find_run_to_resume(runs_dir: Path, name: str, resume: str) -> RunFolder:
