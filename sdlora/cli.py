@@ -25,6 +25,7 @@ from sdlora.config import (
     build_config,
     load_toml,
     parse_size,
+    parse_weights,
 )
 
 
@@ -104,8 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if config.sweep:
         if not weights:
             raise ConfigError("--sweep needs at least one --lora (the first one is swept).")
-        sweep_weights = [float(w) for w in config.sweep.split(",")]
-        image = image_grid(generator.sweep(params, next(iter(weights)), sweep_weights, weights))
+        image = image_grid(generator.sweep(params, next(iter(weights)), parse_weights(config.sweep), weights))
     elif config.compare:
         image = image_grid(generator.compare(params, weights))
     else:

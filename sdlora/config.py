@@ -137,6 +137,17 @@ class GenerateConfig:
             parse_size(self.size)
 
 
+def parse_weights(text: str) -> list[float]:
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0] for a sweep."""
+    try:
+        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"Sweep weights must be numbers separated by commas, not {text!r}.") from None
+    if not weights:
+        raise ConfigError("Give the sweep at least one weight, e.g. 0, 0.5, 1.")
+    return weights
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """'512x768' -> (512, 768), checked to be multiples of 8."""
     try:

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import save_file
 
 from sdlora.adapters import AdapterError, AdapterFacts
-from sdlora.config import ConfigError
+from sdlora.config import ConfigError, parse_weights
 from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.jobs import Job, JobStatus
 from sdlora.train import train
 from tests.conftest import draw_blob, train_config
 from ui import library
 from ui.bases import base_label, base_notice, base_spec
-from ui.studio import Studio, chosen_adapters, make_params, parse_weights
+from ui.studio import Studio, chosen_adapters, make_params
 from ui.training import FORM_FIELDS, TrainForm, job_view, make_config, pending_names, preset_values
 from ui.uploads import UploadError, caption_rows, save_captions, stage_upload, suggest_name, thumbnails
 

@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import gradio as gr
 
-from sdlora.config import GenerateConfig
+from sdlora.config import GenerateConfig, parse_weights
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.library import adapter_names
 from ui.options import option_choices, option_default, option_help
-from ui.studio import Result, chosen_adapters, make_params, parse_weights
+from ui.studio import Result, chosen_adapters, make_params
 
 ADAPTER_ROWS = 4
 SIZES = ["native", "256x256", "512x512", "512x768", "768x512", "768x768", "1024x1024"]

@@ -20,17 +20,6 @@ from ui.bases import base_spec
 from ui.library import adapter_path
 
 
-def parse_weights(text: str) -> list[float]:
-    """'0, 0.5, 1' -> [0.0, 0.5, 1.0] for a sweep."""
-    try:
-        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"Sweep weights must be numbers separated by commas, not {text!r}.") from None
-    if not weights:
-        raise ConfigError("Give the sweep at least one weight, e.g. 0, 0.5, 1.")
-    return weights
-
-
 def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
     """(name, weight) of each adapter row that is switched on and has an adapter picked.
 
