@@ -120,10 +120,10 @@ def unique_name(outputs: str | Path, wanted: str, taken: Iterable[str] = ()) -> 
     return name
 
 
-def import_adapter(upload: str | Path, outputs: str | Path, original_name: str | None = None) -> Path:
+def import_adapter(upload: str | Path, outputs: str | Path) -> Path:
     """Copy an uploaded .safetensors adapter into the library under a free name; other files are refused."""
     upload = Path(upload)
-    shown = original_name or upload.name
+    shown = upload.name
     if upload.suffix.lower() != SUFFIX:
         raise AdapterError(f"{shown}: only .safetensors adapter files can be imported "
                            "(.ckpt, .pt and .bin files are pickles, which can run code when loaded).")

@@ -7,6 +7,7 @@ the trainer then reads like any folder given on the command line. Nothing here k
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import zipfile
@@ -70,10 +71,7 @@ def suggest_name(stems: Sequence[str]) -> str:
     """An adapter name from image names: their common start without a trailing counter ('star_01' -> 'star')."""
     if not stems:
         return "adapter"
-    prefix = stems[0]
-    for stem in stems[1:]:
-        while not stem.startswith(prefix):
-            prefix = prefix[:-1]
+    prefix = os.path.commonprefix(list(stems))
     return safe_name(prefix.rstrip("0123456789 _-."), default="adapter")
 
 

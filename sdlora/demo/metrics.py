@@ -71,11 +71,6 @@ def coverage(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.where(alpha < NOISE_FLOOR, 0.0, alpha)
 
 
-def foreground_mask(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Boolean mask of pixels that are mostly ink."""
-    return coverage(image) > 0.5
-
-
 def nearest_colour_name(rgb: np.ndarray) -> str:
     """Name of the palette colour closest to ``rgb`` (Euclidean in RGB; the palette is well separated)."""
     return min(COLOURS, key=lambda name: float(np.linalg.norm(np.asarray(COLOURS[name]) - rgb)))

@@ -206,20 +206,6 @@ def render(
     return Image.composite(foreground, background, ink).reduce(supersample)
 
 
-def render_shape(
-    shape: str,
-    colour: str | tuple[int, int, int] = "red",
-    *,
-    size: float = 0.6,
-    centre: tuple[float, float] = (0.5, 0.5),
-    background: str = "white",
-    style: str = "filled",
-    resolution: int = NATIVE_RESOLUTION,
-) -> Image.Image:
-    """Convenience wrapper of :func:`render` taking the attributes as arguments."""
-    return render(ShapeSpec(shape, colour, size, centre, background, style), resolution=resolution)
-
-
 def random_spec(
     rng: random.Random,
     *,

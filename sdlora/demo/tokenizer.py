@@ -13,11 +13,11 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
-from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
 
 from transformers import CLIPTokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sdlora.demo.shapes import caption_words
 
@@ -25,6 +25,7 @@ BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 MODEL_MAX_LENGTH = 20
+BYTE_ALPHABET = bytes_to_unicode()  # GPT-2/CLIP's reversible byte -> printable character map
 
 # Words people are likely to type when training or prompting the demo LoRAs, beyond the caption words.
 EXTRA_WORDS: tuple[str, ...] = (
@@ -34,21 +35,6 @@ EXTRA_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters (byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(code) for code in codes), strict=True))
-
-
 def demo_words() -> list[str]:
     """All words that get a token of their own: the dataset's caption words plus :data:`EXTRA_WORDS`."""
     return sorted(set(caption_words()) | set(EXTRA_WORDS))
@@ -56,8 +42,7 @@ def demo_words() -> list[str]:
 
 def _symbols(word: str) -> tuple[str, ...]:
     """How BPE first sees ``word``: byte-level characters, the last one carrying the word ending."""
-    alphabet = bytes_to_unicode()
-    chars = [alphabet[byte] for byte in word.encode("utf-8")]
+    chars = [BYTE_ALPHABET[byte] for byte in word.encode("utf-8")]
     return (*chars[:-1], chars[-1] + END_OF_WORD)
 
 
@@ -95,15 +80,15 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 
 def build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """CLIP's vocabulary layout: bytes, bytes with word ending, one entry per merge, then the specials."""
-    alphabet = list(bytes_to_unicode().values())
+    alphabet = list(BYTE_ALPHABET.values())
     tokens = alphabet + [char + END_OF_WORD for char in alphabet] + ["".join(pair) for pair in merges]
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}
 
 
-def write_tokenizer_files(directory: Path, words: Iterable[str] | None = None) -> None:
+def write_tokenizer_files(directory: Path) -> None:
     """Write ``vocab.json`` and ``merges.txt`` (the files CLIP tokenizers are distributed as)."""
-    merges = learn_merges(demo_words() if words is None else words)
+    merges = learn_merges(demo_words())
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(
         json.dumps(build_vocab(merges), ensure_ascii=False), encoding="utf-8"
@@ -112,14 +97,12 @@ def write_tokenizer_files(directory: Path, words: Iterable[str] | None = None) -
     (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def build_tokenizer(
-    words: Iterable[str] | None = None, *, model_max_length: int = MODEL_MAX_LENGTH
-) -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
     """A ``CLIPTokenizer`` for the demo words, loaded from the standard files so it round-trips on save."""
     with tempfile.TemporaryDirectory() as scratch:
-        write_tokenizer_files(Path(scratch), words)
-        tokenizer = CLIPTokenizer.from_pretrained(scratch, model_max_length=model_max_length)
-    check_whole_words(tokenizer, demo_words() if words is None else words)
+        write_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer.from_pretrained(scratch, model_max_length=MODEL_MAX_LENGTH)
+    check_whole_words(tokenizer, demo_words())
     return tokenizer
 
 
