@@ -92,10 +92,10 @@ class JobQueue:
     def resume(self, job_id: int) -> Job:
         """Queue a new job that continues a cancelled or failed one from its newest checkpoint."""
         job = self._jobs.get(job_id)
-        run = RunFolder(job.run_dir) if job is not None and job.run_dir is not None else None
-        if job is None or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED) or run.latest_checkpoint() is None:
+        if (job is None or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED) or job.run_dir is None
+                or RunFolder(job.run_dir).latest_checkpoint() is None):
             raise ConfigError("Only a cancelled or failed job with a checkpoint can be resumed.")
-        return self.submit(dataclasses.replace(job.config, resume=str(run.path)), job.processes)
+        return self.submit(dataclasses.replace(job.config, resume=str(job.run_dir)), job.processes)
 
     def get(self, job_id: int) -> Job:
         return self._jobs[job_id]

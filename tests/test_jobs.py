@@ -41,6 +41,18 @@ def test_cancel_keeps_a_resumable_checkpoint(tiny_base, blob_folder, tmp_path):
     assert resumed.last("start")["start_step"] == job.last("cancelled")["step"]
 
 
+def test_a_job_cancelled_before_it_started_cannot_be_resumed(tiny_base, blob_folder, tmp_path):
+    queue = JobQueue()
+    running = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "a", steps=10_000))
+    waiting = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "b", steps=2))
+    queue.cancel(waiting.id)
+    assert waiting.status is JobStatus.CANCELLED and waiting.run_dir is None
+    with pytest.raises(ConfigError, match="resumed"):
+        queue.resume(waiting.id)
+    queue.cancel(running.id)
+    queue.wait(running.id, timeout=120)
+
+
 def test_bad_options_are_refused_at_submit(blob_folder, tmp_path):
     with pytest.raises(ConfigError, match="--rank"):
         JobQueue().submit(train_config(blob_folder, "x", tmp_path, rank=0))

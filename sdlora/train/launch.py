@@ -7,7 +7,6 @@ turns a cancel request into the run folder's CANCEL file, which every process se
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch
 from sdlora.config import TrainConfig, dump_toml
 from sdlora.train.events import EventHandler, read_events
 from sdlora.train.loop import TrainingError, TrainResult, adapter_file, adapter_name
-from sdlora.train.runs import RunFolder
+from sdlora.train.runs import RunFolder, find_run_to_resume
 
 POLL_SECONDS = 0.2
 
@@ -36,7 +35,8 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
     config.validate()
     runs, pattern = Path(config.outputs) / "runs", f"{adapter_name(config)}-*"
     existing = set(runs.glob(pattern))
-    run = RunFolder(Path(config.resume)) if config.resume and config.resume != "latest" else None
+    # The run the processes will use: the one `train` resumes (the same lookup), else the one they make.
+    run = find_run_to_resume(runs, adapter_name(config), config.resume) if config.resume else None
     seen = len(read_events(run.events)) if run else 0
     with tempfile.TemporaryDirectory() as tmp:
         job_file, log_file = Path(tmp) / "job.toml", Path(tmp) / "log.txt"
@@ -45,7 +45,7 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                    "-m", "sdlora", "train", "--config", str(job_file)]
         with open(log_file, "w") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             while True:
                 finished = process.poll() is not None
                 if run is None:
