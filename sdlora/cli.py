@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__
-from sdlora.adapters.formats import FORMATS
 from sdlora.config import (
+    FILE_FORMATS,
+    FORMATS,
     OUTPUTS_DIR,
     ConfigError,
     GenerateConfig,
@@ -253,7 +254,7 @@ def make_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="Merged LoRA (.safetensors) or, with --into-model, a folder.")
     merge.add_argument("--rank", type=int, default=None,
                        help="Re-factorise to this rank by SVD (reports the error); default: concatenate ranks.")
-    merge.add_argument("--format", choices=("diffusers", "kohya"), default="diffusers", help="Layout of the merged LoRA.")
+    merge.add_argument("--format", choices=FILE_FORMATS, default="diffusers", help="Layout of the merged LoRA.")
     merge.add_argument("--into-model", action="store_true", help="Fuse into the base and save a diffusers folder.")
     merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
     merge.set_defaults(handler=cmd_merge)

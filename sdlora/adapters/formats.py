@@ -26,9 +26,9 @@ from peft import LoraConfig
 from safetensors.torch import save as safetensors_bytes
 
 from sdlora.adapters.files import AdapterError, AdapterFacts, lora_config_metadata, read_adapter
+from sdlora.config import FORMATS
 from sdlora.files import atomic_write_bytes, atomic_write_text
 
-FORMATS = ("diffusers", "kohya", "peft")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # Parts of diffusers/transformers module names that contain underscores: kohya's names flatten every
