@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sdlora.adapters import AdapterError, check_compatibility, read_lora
+from sdlora.adapters import read_lora
 from sdlora.config import ConfigError, parse_size
 from sdlora.generate import GenerationParams, Generator, save_png
 from sdlora.models import resolve_base
@@ -77,10 +77,7 @@ class Studio:
     def fit(self, path: Path) -> str:
         """Whether an adapter file fits the base in use (the demo model if none was loaded yet)."""
         with self._lock:
-            generator = self._base(self._spec)
-            report = check_compatibility(read_lora(path), generator.pipe)
-        if not report.ok:
-            raise AdapterError(report.explain(path.name, Path(generator.base_name).name))
+            report = self._base(self._spec).check_fit(read_lora(path), path.name)
         return f"It fits the base in use ({sum(report.mapped.values())} modules, {report.lora_family})."
 
     def generate(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:

@@ -16,7 +16,7 @@ from diffusers import (
 from PIL import Image
 
 import sdlora
-from sdlora.adapters import AdapterError, check_compatibility, read_lora
+from sdlora.adapters import AdapterError, Compatibility, LoraFile, check_compatibility, read_lora
 from sdlora.adapters.formats import diffusers_state_dict
 from sdlora.files import safe_name
 from sdlora.models import base_label, load_base, native_resolution
@@ -87,14 +87,19 @@ class Generator:
                     suffix += 1
                 name = f"{name}_{suffix}"
         lora = read_lora(path)
-        report = check_compatibility(lora, self.pipe)
-        if not report.ok:
-            raise AdapterError(report.explain(str(path), Path(self.base_name).name or "in use"))
+        self.check_fit(lora, str(path))
         self.activate({})  # new LoRA layers go onto unfused weights
         self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
         self.adapters[name] = path.resolve()
         self._stamps[name] = stamp
         return name
+
+    def check_fit(self, lora: LoraFile, shown: str) -> Compatibility:
+        """Every module of `lora` checked against this base; AdapterError naming `shown` if it doesn't fit."""
+        report = check_compatibility(lora, self.pipe)
+        if not report.ok:
+            raise AdapterError(report.explain(shown, base_label(self.base_name)))
+        return report
 
     def unload_adapter(self, name: str) -> None:
         self.activate({})
