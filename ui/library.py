@@ -62,12 +62,13 @@ def adapter_names(outputs: str | Path) -> list[str]:
 
 
 def list_adapters(outputs: str | Path) -> list[AdapterInfo]:
-    return [describe(adapter_path(outputs, name), outputs) for name in adapter_names(outputs)]
+    runs = runs_by_adapter(outputs)  # read once for the whole table, not once per adapter
+    return [describe(adapter_path(outputs, name), outputs, runs) for name in adapter_names(outputs)]
 
 
-def describe(path: Path, outputs: str | Path) -> AdapterInfo:
+def describe(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | None = None) -> AdapterInfo:
     """The facts sdlora wrote into the file's header; for files from other tools, what their header says."""
-    info = AdapterInfo(path.stem, path, sample=find_sample(path, outputs))
+    info = AdapterInfo(path.stem, path, sample=find_sample(path, outputs, runs))
     try:
         metadata = read_metadata(path)
     except AdapterError:
@@ -91,22 +92,30 @@ def describe(path: Path, outputs: str | Path) -> AdapterInfo:
     return info
 
 
-def find_sample(path: Path, outputs: str | Path) -> Path | None:
+def find_sample(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | None = None) -> Path | None:
     """The adapter's preview: its same-stem .png, else the newest sample of the run that wrote the file."""
     preview = path.with_suffix(PREVIEW_SUFFIX)
     if preview.is_file():
         return preview
-    target = path.resolve()
+    runs = runs_by_adapter(outputs) if runs is None else runs
+    for run in runs.get(path.resolve(), []):
+        samples = sorted((run / "samples").glob("*.png"))
+        if samples:
+            return samples[-1]
+    return None
+
+
+def runs_by_adapter(outputs: str | Path) -> dict[Path, list[Path]]:
+    """Run folders by the adapter file they wrote (resolved), newest first."""
+    runs: dict[Path, list[Path]] = {}
     for config_path in sorted((Path(outputs) / "runs").glob("*/config.json"), reverse=True):
         try:
             written = json.loads(config_path.read_text(encoding="utf-8")).get("adapter")
         except (OSError, json.JSONDecodeError):
             continue
-        if written and Path(written).resolve() == target:
-            samples = sorted((config_path.parent / "samples").glob("*.png"))
-            if samples:
-                return samples[-1]
-    return None
+        if written:
+            runs.setdefault(Path(written).resolve(), []).append(config_path.parent)
+    return runs
 
 
 def unique_name(outputs: str | Path, wanted: str, taken: Iterable[str] = ()) -> str:
