@@ -49,6 +49,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.demo.shapes import NATIVE_RESOLUTION, make_dataset
 from sdlora.demo.tokenizer import build_tokenizer, write_tokenizer_files
+from sdlora.files import atomic_replace_dir
 
 # SD 1.x noise schedule, so LoRA code written for the real model sees the same scheduler maths.
 NOISE_SCHEDULE = dict(
@@ -515,10 +516,13 @@ def build_demo_model(
         scaled, token_ids, empty_ids, tokenizer, config, generator, device
     )
 
+    # Everything is written into a staging folder that replaces the old model only once complete:
+    # a build that fails at the end leaves the previous model as it was, with no stale files mixed in.
     check_output(out_dir)
-    shutil.rmtree(out_dir, ignore_errors=True)  # a previous build: stale files must not linger
-    save_pipeline(out_dir, vae, text_encoder, tokenizer, unet)
-    sample_grid(out_dir, SAMPLE_PROMPTS, seed).save(out_dir / "samples.png")
+    staging = out_dir.with_name(f".{out_dir.name}.building")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pipeline(staging, vae, text_encoder, tokenizer, unet)
+    sample_grid(staging, SAMPLE_PROMPTS, seed).save(staging / "samples.png")
 
     info = {
         "seed": seed,
@@ -538,8 +542,9 @@ def build_demo_model(
         },
         "sample_prompts": list(SAMPLE_PROMPTS),
     }
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    write_model_card(out_dir)
+    (staging / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(staging)
+    atomic_replace_dir(staging, out_dir)
     log(f"saved {out_dir} ({folder_bytes(out_dir) / 1e6:.1f} MB) in {info['total_minutes']:.1f} min")
     return out_dir
 
