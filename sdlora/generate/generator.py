@@ -60,7 +60,6 @@ class Generator:
         self._stamps: dict[str, tuple] = {}  # (mtime, size) of each loaded file, to notice a rewrite
         self.fuse = fuse
         self._fused: dict[str, float] | None = None  # the mix currently folded into the base weights
-        self._components = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(self.pipe, c, None) is not None]
 
     @property
     def native_size(self) -> int:
@@ -119,7 +118,7 @@ class Generator:
         if weights == self._fused:
             return
         if self._fused is not None:
-            self.pipe.unfuse_lora(components=self._components)
+            self.pipe.unfuse_lora()  # each pipeline class knows its LoRA components
             self._fused = None
         if not weights:
             if self.adapters:
@@ -128,7 +127,7 @@ class Generator:
         self.pipe.enable_lora()
         self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
         if self.fuse:
-            self.pipe.fuse_lora(components=self._components, adapter_names=list(weights))
+            self.pipe.fuse_lora(adapter_names=list(weights))
             self._fused = weights
 
     def _set_scheduler(self, name: str) -> None:
