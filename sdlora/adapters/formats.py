@@ -25,7 +25,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig
 from safetensors.torch import save as safetensors_bytes
 
-from sdlora.adapters.files import AdapterError, AdapterFacts, lora_config_metadata, read_adapter
+from sdlora.adapters.files import FACTS_PREFIX, AdapterError, AdapterFacts, lora_config_metadata, read_adapter
 from sdlora.config import FORMATS
 from sdlora.files import atomic_write_bytes, atomic_write_text
 
@@ -88,7 +88,7 @@ def lora_from_peft(parts: dict[str, tuple[dict[str, torch.Tensor], float]], meta
             if key.endswith(".lora_A.weight"):
                 stem = key.removesuffix(".lora_A.weight")
                 up = state[f"{stem}.lora_B.weight"]
-                modules[f"{component}.{_strip_text_model(stem)}"] = LoraModule(
+                modules[f"{component}.{strip_text_model(stem)}"] = LoraModule(
                     down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha))
     return LoraFile(modules, metadata)
 
@@ -149,10 +149,10 @@ def _unflatten(flat: str) -> str:
     name = ".".join(parts)
     if name.endswith(".to_out"):
         name += ".0"
-    return _strip_text_model(name)
+    return strip_text_model(name)
 
 
-def _strip_text_model(name: str) -> str:
+def strip_text_model(name: str) -> str:
     """Text-encoder names with or without transformers 4's `text_model.` level compare as one."""
     return name.removeprefix("text_model.")
 
@@ -177,7 +177,7 @@ def _modules_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str
                 if up is None:
                     raise AdapterError(f"{path}: {key} has no matching {up_suffix[1:]} tensor.")
                 component, module = stem.split(".", 1)
-                module = _strip_text_model(module.replace(".processor.", "."))
+                module = strip_text_model(module.replace(".processor.", "."))
                 rank = int(down.shape[0])
                 alpha = alphas.get(stem, _config_alpha(configs.get(component), module, rank))
                 modules[f"{component}.{module}"] = LoraModule(down, up, alpha)
@@ -224,7 +224,7 @@ def _read_peft_folder(folder: Path) -> LoraFile:
             if not key.endswith(".lora_A.weight"):
                 continue
             stem = key.removesuffix(".lora_A.weight")
-            module = _strip_text_model(stem.removeprefix("base_model.model."))
+            module = strip_text_model(stem.removeprefix("base_model.model."))
             up = tensors[stem + ".lora_B.weight"]
             modules[f"{component}.{module}"] = LoraModule(down, up, _config_alpha(config, module, down.shape[0]))
     return LoraFile(modules, metadata, "peft")
@@ -313,7 +313,7 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     family = facts.family if facts else "sd1"
     name = facts.name if facts else "lora"
-    metadata = {k: v for k, v in lora.metadata.items() if k.startswith("sdlora.")}
+    metadata = {k: v for k, v in lora.metadata.items() if k.startswith(FACTS_PREFIX)}
     metadata.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

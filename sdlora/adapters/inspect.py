@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from sdlora.adapters.files import FACTS_PREFIX
-from sdlora.adapters.formats import LoraFile, read_lora
+from sdlora.adapters.formats import LoraFile, read_lora, strip_text_model
 
 # Width of the text embeddings that cross-attention reads, per family.
 _CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -76,7 +76,7 @@ def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibilit
         if model is None:
             report.unmapped.extend((f"{component}.{name}", f"the base has no {component}") for name in modules)
             continue
-        targets = {name.removeprefix("text_model."): m for name, m in model.named_modules()}
+        targets = {strip_text_model(name): m for name, m in model.named_modules()}
         mapped = 0
         for name, module in modules.items():
             target = targets.get(name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sdlora.adapters.files import FACTS_PREFIX
 from sdlora.adapters.formats import LoraFile, LoraModule
 from sdlora.files import atomic_replace_dir
 
@@ -42,7 +43,7 @@ def merge_loras(adapters: list[tuple[LoraFile, float]], rank: int | None = None)
             module, error = _svd_factorise(delta, rank)
             merged[key] = module
             errors.append(error)
-    metadata = {k: v for k, v in adapters[0][0].metadata.items() if not k.startswith("sdlora.")}
+    metadata = {k: v for k, v in adapters[0][0].metadata.items() if not k.startswith(FACTS_PREFIX)}
     report = MergeReport(rank, max(errors), sum(errors) / len(errors))
     return LoraFile(merged, metadata), report
 
