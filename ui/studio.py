@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdlora.adapters import read_lora
 from sdlora.config import ConfigError, parse_size
-from sdlora.generate import GenerationParams, Generator, save_png
+from sdlora.generate import GenerationParams, Generator, labeled_parameters, save_png
 from sdlora.models import resolve_base
 from ui.bases import base_spec
 from ui.library import adapter_path
@@ -108,5 +108,5 @@ class Studio:
         folder = self.outputs / "images"
         images = [(str(save_png(image, folder / f"{stamp}-{index}.png")), label)
                   for index, (label, image) in enumerate(labeled)]
-        parameters = "\n\n".join(f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled)
+        parameters = labeled_parameters(labeled)
         return Result(images, parameters if len(labeled) > 1 else labeled[0][1].info.get("parameters", ""))

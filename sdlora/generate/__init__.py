@@ -1,6 +1,6 @@
 """Generation: one base pipeline, named adapters stacked at weights, comparisons and sweeps."""
 
 from sdlora.generate.generator import SCHEDULERS, GenerationParams, Generator
-from sdlora.generate.images import image_grid, save_png
+from sdlora.generate.images import image_grid, labeled_parameters, save_png
 
-__all__ = ["SCHEDULERS", "GenerationParams", "Generator", "image_grid", "save_png"]
+__all__ = ["SCHEDULERS", "GenerationParams", "Generator", "image_grid", "labeled_parameters", "save_png"]

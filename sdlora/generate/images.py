@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -39,7 +40,10 @@ def image_grid(labeled: list[tuple[str, Image.Image]], columns: int | None = Non
         x, y = (index % columns) * cell_w, (index // columns) * (cell_h + label_h)
         draw.text((x + 3, y + 2), label, fill="black", font=font)
         grid.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y + label_h))
-    grid.info["parameters"] = "\n\n".join(
-        f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled
-    )
+    grid.info["parameters"] = labeled_parameters(labeled)
     return grid
+
+
+def labeled_parameters(labeled: Sequence[tuple[str, Image.Image]]) -> str:
+    """The generation parameters of several images in one text, each under its label."""
+    return "\n\n".join(f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled)
