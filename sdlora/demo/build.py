@@ -43,6 +43,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -301,8 +302,7 @@ def tokenize(tokenizer: CLIPTokenizer, captions: Iterable[str]) -> torch.Tensor:
 def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for epsilon prediction: they keep easy low-noise steps from dominating,
     which makes small diffusion models converge noticeably faster (Hang et al., 2023)."""
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
+    snr = compute_snr(scheduler, timesteps)  # diffusers' helper, as the LoRA trainer uses
     return torch.clamp(snr, max=gamma) / snr
 
 
