@@ -8,6 +8,7 @@ import pytest
 
 from sdlora.config import ConfigError
 from sdlora.jobs import JobQueue, JobStatus
+from sdlora.train.launch import train_distributed
 from tests.conftest import train_config
 
 
@@ -74,3 +75,13 @@ def test_a_job_can_run_on_several_processes_and_be_cancelled(tiny_base, blob_fol
     queue.cancel(long.id)
     queue.wait(long.id, timeout=300)
     assert long.status is JobStatus.CANCELLED and long.last("checkpoint") is not None
+
+    # `--resume latest` under several processes: the launcher follows the resumed run's new events only.
+    cancelled_at = long.last("cancelled")["step"]
+    config = train_config(blob_folder, tiny_base, tmp_path / "b", steps=cancelled_at + 1, name="long",
+                          resume="latest")
+    events: list[dict] = []
+    result = train_distributed(config, 2, on_event=events.append)
+    assert result.run == long.run_dir and result.steps == cancelled_at + 1 and not result.cancelled
+    assert events[0]["event"] == "start" and events[0]["start_step"] == cancelled_at
+    assert [e["step"] for e in events if e["event"] == "step"] == [cancelled_at + 1]

@@ -31,11 +31,33 @@ class EventLog:
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
     """All complete events so far (a line still being written is ignored)."""
-    events = []
     path = Path(path)
-    if not path.is_file():
-        return events
-    for line in path.read_text(encoding="utf-8").splitlines():
+    return _parse(path.read_bytes()) if path.is_file() else []
+
+
+class EventFollower:
+    """The events appended to a log since the last call: follows a run written by another process
+    without re-reading the whole file each time."""
+
+    def __init__(self, path: Path, skip_existing: bool = False):
+        self.path, self.offset = Path(path), 0
+        if skip_existing:
+            self.new()
+
+    def new(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data.rfind(b"\n") + 1  # a line still being written waits for the next call
+        self.offset += complete
+        return _parse(data[:complete])
+
+
+def _parse(data: bytes) -> list[dict[str, Any]]:
+    events = []
+    for line in data.decode("utf-8").splitlines():
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:

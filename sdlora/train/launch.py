@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig, dump_toml
-from sdlora.train.events import EventHandler, read_events
+from sdlora.train.events import EventFollower, EventHandler
 from sdlora.train.loop import TrainingError, TrainResult, adapter_file, adapter_name
 from sdlora.train.runs import RunFolder, find_run_to_resume
 
@@ -37,7 +37,8 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
     existing = set(runs.glob(pattern))
     # The run the processes will use: the one `train` resumes (the same lookup), else the one they make.
     run = find_run_to_resume(runs, adapter_name(config), config.resume) if config.resume else None
-    seen = len(read_events(run.events)) if run else 0
+    follower = EventFollower(run.events, skip_existing=True) if run else None  # a resumed run's old events
+    last: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         job_file, log_file = Path(tmp) / "job.toml", Path(tmp) / "log.txt"
         job_file.write_text(dump_toml(config))
@@ -51,12 +52,12 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
                 if run is None:
                     new = sorted(set(runs.glob(pattern)) - existing)
                     run = RunFolder(new[-1]) if new else None
+                    follower = EventFollower(run.events) if run else None
                 if run is not None:
-                    events = read_events(run.events)
-                    for event in events[seen:]:
+                    for event in follower.new():
+                        last = event
                         if on_event:
                             on_event(event)
-                    seen = len(events)
                     if cancel is not None and cancel.is_set():
                         run.cancel_file.touch()
                 if finished:
@@ -65,7 +66,6 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
         if process.returncode != 0:
             raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n"
                                 f"{_failure_excerpt(log_file.read_text(errors='replace'))}")
-    last = read_events(run.events)[-1]
     return TrainResult(adapter_file(config), run.path, last.get("step", 0), last.get("loss", float("nan")),
                        last.get("elapsed_s", 0.0), cancelled=last["event"] == "cancelled")
 
