@@ -84,13 +84,19 @@ def lora_from_peft(parts: dict[str, tuple[dict[str, torch.Tensor], float]], meta
     """From `{component: (get_peft_model_state_dict(model), alpha)}`, as the trainer holds them."""
     modules = {}
     for component, (state, alpha) in parts.items():
-        for key, down in state.items():
-            if key.endswith(".lora_A.weight"):
-                stem = key.removesuffix(".lora_A.weight")
-                up = state[f"{stem}.lora_B.weight"]
-                modules[f"{component}.{strip_text_model(stem)}"] = LoraModule(
-                    down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha))
+        for module, down, up in _peft_pairs(state):
+            modules[f"{component}.{module}"] = LoraModule(
+                down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha))
     return LoraFile(modules, metadata)
+
+
+def _peft_pairs(state: dict[str, torch.Tensor]):
+    """(module name, down, up) for each lora_A / lora_B pair of a peft state dict; names lose peft's
+    `base_model.model.` wrapper and transformers' `text_model.` level."""
+    for key, down in state.items():
+        if key.endswith(".lora_A.weight"):
+            stem = key.removesuffix(".lora_A.weight")
+            yield strip_text_model(stem.removeprefix("base_model.model.")), down, state[f"{stem}.lora_B.weight"]
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -220,12 +226,7 @@ def _read_peft_folder(folder: Path) -> LoraFile:
         config = json.loads(config_path.read_text())
         tensors, file_metadata = read_adapter(weights_path)
         metadata.update(file_metadata)
-        for key, down in tensors.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            stem = key.removesuffix(".lora_A.weight")
-            module = strip_text_model(stem.removeprefix("base_model.model."))
-            up = tensors[stem + ".lora_B.weight"]
+        for module, down, up in _peft_pairs(tensors):
             modules[f"{component}.{module}"] = LoraModule(down, up, _config_alpha(config, module, down.shape[0]))
     return LoraFile(modules, metadata, "peft")
 
