@@ -62,6 +62,11 @@ def styled_specs(style: str) -> Callable[[random.Random], list[ShapeSpec]]:
     return specs
 
 
+def plain_caption(spec: ShapeSpec) -> str:
+    """A style set's caption: the shape described as if filled, so no style word reaches the prompt."""
+    return replace(spec, style="filled").caption()
+
+
 EXAMPLE_SETS: tuple[ExampleSet, ...] = (
     ExampleSet(
         name="sks_star",
@@ -80,7 +85,7 @@ EXAMPLE_SETS: tuple[ExampleSet, ...] = (
             '(e.g. "a red circle on a white background"), so the LoRA applies the style to any prompt.'
         ),
         specs=styled_specs("outlined"),
-        caption=lambda spec: replace(spec, style="filled").caption(),
+        caption=plain_caption,
     ),
     ExampleSet(
         name="style_striped",
@@ -89,7 +94,7 @@ EXAMPLE_SETS: tuple[ExampleSet, ...] = (
             "style_outlined, so the two style LoRAs can be mixed on one prompt."
         ),
         specs=styled_specs("striped"),
-        caption=lambda spec: replace(spec, style="filled").caption(),
+        caption=plain_caption,
     ),
 )
 
