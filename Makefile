@@ -1,16 +1,21 @@
-# Two entry points for a newcomer: `make run` and `make test`. Both create the virtualenv first.
+# Two entry points for a newcomer: `make run` and `make test`. Both create the virtualenv first and
+# install exactly the versions in requirements.lock (the set the tests passed with).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LOCK := requirements.lock
+# The CPU build of torch: PyPI's Linux wheel would pull gigabytes of CUDA packages. It comes from
+# PyTorch's CPU index, or from a local wheel folder where the machine has one (/opt/wheels here);
+# a GPU user installs the CUDA build of the same version first (see the README).
+TORCH_VERSION := 2.13.0
+TORCH_INDEX ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install run test lint browser clean
+.PHONY: install run test lint format browser lock test-latest clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: a looser spec would pull gigabytes of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c $(LOCK) torch==$(TORCH_VERSION) $(TORCH_INDEX)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,9 +29,31 @@ browser:
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 test: install lint browser
 	$(PY) -m pytest -q
 
+# Regenerate the lock with `uv pip compile` (every package, direct and transitive, for Linux x86_64,
+# Python 3.11). torch is locked without its local label (+cpu) so the same lock serves a CUDA build.
+lock: install
+	$(PY) -m pip install -q uv
+	echo "torch==$(TORCH_VERSION)" | $(VENV)/bin/uv pip compile pyproject.toml - --extra test $(TORCH_INDEX) \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet \
+		| sed -E 's/^torch==([0-9.]+)\+[a-z0-9]+/torch==\1/' > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
+# Not part of CI: the newest releases pyproject.toml allows, in their own venv, so that an upgrade
+# is a deliberate change (run this, then `make lock`, then commit the lock).
+test-latest: browser
+	python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q torch==$(TORCH_VERSION) $(TORCH_INDEX)
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	.venv-latest/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache

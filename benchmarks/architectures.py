@@ -30,25 +30,49 @@ from sdlora.train.loop import unet_target_modules
 # The U-Net, VAE and text-encoder configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0 (fields left at diffusers' defaults are omitted).
 SD15_UNET = {
-    "block_out_channels": (320, 640, 1280, 1280), "cross_attention_dim": 768, "attention_head_dim": 8,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
     "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, "sample_size": 64,
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "sample_size": 64,
 }
 SDXL_UNET = {
-    "block_out_channels": (320, 640, 1280), "cross_attention_dim": 2048, "attention_head_dim": (5, 10, 20),
+    "block_out_channels": (320, 640, 1280),
+    "cross_attention_dim": 2048,
+    "attention_head_dim": (5, 10, 20),
     "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10), "use_linear_projection": True, "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": (1, 2, 10),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
 }
 VAE = {
-    "block_out_channels": (128, 256, 512, 512), "latent_channels": 4, "layers_per_block": 2,
-    "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (128, 256, 512, 512),
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
 }
-CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12, "num_hidden_layers": 12,
-          "projection_dim": 768, "hidden_act": "quick_gelu"}
-OPEN_CLIP_BIGG = {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
-                  "num_hidden_layers": 32, "projection_dim": 1280, "hidden_act": "gelu"}
+CLIP_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+OPEN_CLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
 SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 TEXT_TOKENS = 77
 
@@ -64,22 +88,31 @@ def build_random_base(arch: str, folder: Path, seed: int = 0) -> Path:
     if (folder / "model_index.json").exists():
         return folder
     torch.manual_seed(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(Path(resolve_base(None)) / "tokenizer", model_max_length=TEXT_TOKENS)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        Path(resolve_base(None)) / "tokenizer", model_max_length=TEXT_TOKENS
+    )
     text = {"vocab_size": 49408, "max_position_embeddings": TEXT_TOKENS}
     if arch == "sd15":
         pipe = StableDiffusionPipeline(
             vae=AutoencoderKL(**VAE, sample_size=512, scaling_factor=0.18215),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)), tokenizer=tokenizer,
+            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)),
+            tokenizer=tokenizer,
             unet=UNet2DConditionModel(**SD15_UNET),
             scheduler=PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     elif arch == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
             text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)),
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG, **text)),
-            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"))
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=UNet2DConditionModel(**SDXL_UNET),
+            scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"),
+        )
     else:
         raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -88,8 +121,14 @@ def build_random_base(arch: str, folder: Path, seed: int = 0) -> Path:
         return atomic_replace_dir(Path(tmp) / "model", folder)
 
 
-def lora_step_tflops(unet_config: dict, resolution: int, batch: int = 1, rank: int = 8, targets: str = "all",
-                     text_tokens: int = TEXT_TOKENS) -> float:
+def lora_step_tflops(
+    unet_config: dict,
+    resolution: int,
+    batch: int = 1,
+    rank: int = 8,
+    targets: str = "all",
+    text_tokens: int = TEXT_TOKENS,
+) -> float:
     """TFLOP of one LoRA training step of the U-Net (forward and backward) on `batch` square images.
 
     Counted by PyTorch's FlopCounterMode on meta tensors, as the trainer runs it: frozen base weights,
@@ -106,8 +145,13 @@ def lora_step_tflops(unet_config: dict, resolution: int, batch: int = 1, rank: i
         context = torch.randn(batch, text_tokens, unet.config.cross_attention_dim)
         extra = {}
         if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text and size/crop ids
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            extra["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, pooled), "time_ids": torch.randn(batch, 6)}
+            pooled = (
+                unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            )
+            extra["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, pooled),
+                "time_ids": torch.randn(batch, 6),
+            }
     counter = FlopCounterMode(display=False)
     with counter:
         unet(noisy, timesteps, context, **extra).sample.float().pow(2).mean().backward()
@@ -119,8 +163,10 @@ def main() -> None:
     for arch, (config, resolution) in ARCHITECTURES.items():
         with torch.device("meta"):
             parameters = sum(p.numel() for p in UNet2DConditionModel(**config).parameters())
-        print(f"{arch}: U-Net {parameters / 1e6:.1f} M parameters; one rank-8 LoRA step at {resolution} px: "
-              f"{lora_step_tflops(config, resolution):.3f} TFLOP per image")
+        print(
+            f"{arch}: U-Net {parameters / 1e6:.1f} M parameters; one rank-8 LoRA step at {resolution} px: "
+            f"{lora_step_tflops(config, resolution):.3f} TFLOP per image"
+        )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,18 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/bench.py` imports sdlora and
 WARMUP_STEPS = 3
 # Dense bf16 tensor throughput in TFLOP/s from the vendors' data sheets, matched against the device
 # name in this order (so "H100 PCIe" wins over "H100").
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H100": 989.4, "A100": 312.0,
-                    "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.2}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.5,
+    "H100 NVL": 835.5,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.1,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+}
 
 
 def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
@@ -44,10 +54,33 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     from sdlora.train import read_events
 
     outputs = work / f"sdlora-{len(list(work.glob('sdlora-*')))}"
-    command = [sys.executable, "-m", "sdlora", "train", str(args.data), "--prompt", args.prompt,
-               "--steps", str(args.steps), "--rank", str(args.rank), "--batch-size", str(args.batch_size),
-               "--resolution", str(args.resolution), "--lr", "1e-4", "--mixed-precision", args.precision,
-               "--outputs", str(outputs), "--name", "bench", "--seed", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        str(args.data),
+        "--prompt",
+        args.prompt,
+        "--steps",
+        str(args.steps),
+        "--rank",
+        str(args.rank),
+        "--batch-size",
+        str(args.batch_size),
+        "--resolution",
+        str(args.resolution),
+        "--lr",
+        "1e-4",
+        "--mixed-precision",
+        args.precision,
+        "--outputs",
+        str(outputs),
+        "--name",
+        "bench",
+        "--seed",
+        "0",
+    ]
     if args.base:
         command += ["--base", args.base]
     if args.gradient_checkpointing:
@@ -71,14 +104,40 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
     for path in list_images(args.data):
         shutil.copy(path, images / path.name)
     times = work / "reference_steps.json"
-    command = [args.reference_python, str(ROOT / "benchmarks" / "step_timer.py"), str(times), str(args.reference),
-               "--pretrained_model_name_or_path", args.base_path,
-               "--instance_data_dir", str(images), "--instance_prompt", args.prompt, "--lr_warmup_steps", "0",
-               "--resolution", str(args.resolution), "--train_batch_size", str(args.batch_size),
-               "--rank", str(args.rank), "--max_train_steps", str(args.steps), "--learning_rate", "1e-4",
-               "--mixed_precision", args.precision,
-               "--output_dir", str(work / "reference"), "--seed", "0", "--checkpointing_steps", "1000000",
-               "--dataloader_num_workers", "0"]
+    command = [
+        args.reference_python,
+        str(ROOT / "benchmarks" / "step_timer.py"),
+        str(times),
+        str(args.reference),
+        "--pretrained_model_name_or_path",
+        args.base_path,
+        "--instance_data_dir",
+        str(images),
+        "--instance_prompt",
+        args.prompt,
+        "--lr_warmup_steps",
+        "0",
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        str(args.batch_size),
+        "--rank",
+        str(args.rank),
+        "--max_train_steps",
+        str(args.steps),
+        "--learning_rate",
+        "1e-4",
+        "--mixed_precision",
+        args.precision,
+        "--output_dir",
+        str(work / "reference"),
+        "--seed",
+        "0",
+        "--checkpointing_steps",
+        "1000000",
+        "--dataloader_num_workers",
+        "0",
+    ]
     if args.gradient_checkpointing:
         command.append("--gradient_checkpointing")
     wall, peak, gpu = _run("the reference script", command, work)
@@ -98,7 +157,9 @@ def _run(name: str, command: list[str], work: Path) -> tuple[float, float, int |
     watch = GpuMemoryWatch() if shutil.which("nvidia-smi") else None
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
@@ -106,7 +167,9 @@ def _run(name: str, command: list[str], work: Path) -> tuple[float, float, int |
         output = log.read()
     gpu = watch.stop() if watch else None
     if process.returncode != 0:
-        how = "was killed (out of memory?)" if process.returncode == -9 else f"exited with {process.returncode}"
+        how = (
+            "was killed (out of memory?)" if process.returncode == -9 else f"exited with {process.returncode}"
+        )
         raise TrainerFailed(f"{name} {how}", output[-3000:])
     peak = usage.ru_maxrss / 1024  # KiB -> MiB
     return wall, peak, gpu
@@ -131,8 +194,11 @@ class GpuMemoryWatch:
         self._thread.start()
 
     def _used(self) -> int:
-        result = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+        )
         return int(result.stdout.strip() or 0)
 
     def _poll(self, every_s: float) -> None:
@@ -146,8 +212,13 @@ class GpuMemoryWatch:
 
 
 def _figures(name: str, step_s: float, batch: int, wall: float, peak_mib: float, gpu_mib: int | None) -> dict:
-    figures = {"trainer": name, "step_s": round(step_s, 4), "images_per_s": round(batch / step_s, 2),
-               "wall_s": round(wall, 1), "peak_rss_mib": round(peak_mib)}
+    figures = {
+        "trainer": name,
+        "step_s": round(step_s, 4),
+        "images_per_s": round(batch / step_s, 2),
+        "wall_s": round(wall, 1),
+        "peak_rss_mib": round(peak_mib),
+    }
     if gpu_mib is not None:
         figures["peak_gpu_mib"] = gpu_mib
     return figures
@@ -175,11 +246,21 @@ def bench_generation(args: argparse.Namespace, work: Path) -> list[dict]:
 
     adapters = []
     for index in range(3):
-        config = TrainConfig(data_dir=str(args.data), prompt=args.prompt, base=args.base, steps=2, rank=args.rank,
-                             resolution=args.resolution, outputs=str(work / "gen"), name=f"a{index}", seed=index)
+        config = TrainConfig(
+            data_dir=str(args.data),
+            prompt=args.prompt,
+            base=args.base,
+            steps=2,
+            rank=args.rank,
+            resolution=args.resolution,
+            outputs=str(work / "gen"),
+            name=f"a{index}",
+            seed=index,
+        )
         adapters.append(train(config).adapter)
-    params = GenerationParams(args.prompt, seed=0, steps=args.gen_steps, width=args.resolution,
-                              height=args.resolution)
+    params = GenerationParams(
+        args.prompt, seed=0, steps=args.gen_steps, width=args.resolution, height=args.resolution
+    )
     rows = []
     for fuse in (True, False):
         generator = Generator(args.base, fuse=fuse)
@@ -195,8 +276,14 @@ def bench_generation(args: argparse.Namespace, work: Path) -> list[dict]:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             seconds = (time.perf_counter() - start) / args.gen_images
-            rows.append({"adapters": count, "fused": fuse, "s_per_image": round(seconds, 4),
-                         "images_per_s": round(1 / seconds, 2)})
+            rows.append(
+                {
+                    "adapters": count,
+                    "fused": fuse,
+                    "s_per_image": round(seconds, 4),
+                    "images_per_s": round(1 / seconds, 2),
+                }
+            )
     base = {r["fused"]: r["s_per_image"] for r in rows if r["adapters"] == 0}
     for row in rows:
         row["overhead_vs_base"] = f"{(row['s_per_image'] / base[row['fused']] - 1) * 100:+.1f}%"
@@ -204,12 +291,21 @@ def bench_generation(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base", default=None, help="Base model (default: the bundled demo model).")
-    parser.add_argument("--arch", choices=("sd15", "sdxl"),
-                        help="Instead of --base: full-size SD 1.5 or SDXL with random weights, built once.")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "outputs" / "bench_models",
-                        help="Where --arch models are built and kept.")
+    parser.add_argument(
+        "--arch",
+        choices=("sd15", "sdxl"),
+        help="Instead of --base: full-size SD 1.5 or SDXL with random weights, built once.",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=ROOT / "outputs" / "bench_models",
+        help="Where --arch models are built and kept.",
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "training_data" / "sks_star")
     parser.add_argument("--prompt", default="a purple sks shape")
     parser.add_argument("--resolution", type=int, help="Default: 512 for sd15, 1024 for sdxl, else 32.")
@@ -218,16 +314,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--precision", default="auto", choices=("auto", "no", "fp16", "bf16"))
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--variant", action="append",
-                        help="Extra sdlora train flags for one more sdlora row, e.g. --variant=--compile or "
-                             "--variant='--optimizer adamw8bit'; repeat for several (\"\" is the plain run).")
-    parser.add_argument("--peak-tflops", type=float,
-                        help="The GPU's dense bf16 peak, when its name is not in the built-in table.")
-    parser.add_argument("--reference", type=Path,
-                        help="Path to diffusers' examples/dreambooth/train_dreambooth_lora.py "
-                             "(train_dreambooth_lora_sdxl.py for an SDXL base).")
-    parser.add_argument("--reference-python", default=sys.executable,
-                        help="Interpreter for the reference script (it needs torchvision, which sdlora does not).")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        help="Extra sdlora train flags for one more sdlora row, e.g. --variant=--compile or "
+        "--variant='--optimizer adamw8bit'; repeat for several (\"\" is the plain run).",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="The GPU's dense bf16 peak, when its name is not in the built-in table.",
+    )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        help="Path to diffusers' examples/dreambooth/train_dreambooth_lora.py "
+        "(train_dreambooth_lora_sdxl.py for an SDXL base).",
+    )
+    parser.add_argument(
+        "--reference-python",
+        default=sys.executable,
+        help="Interpreter for the reference script (it needs torchvision, which sdlora does not).",
+    )
     parser.add_argument("--gen-steps", type=int, default=20)
     parser.add_argument("--gen-images", type=int, default=5)
     parser.add_argument("--skip-generation", action="store_true")
@@ -244,15 +352,27 @@ def main() -> None:
     args.resolution = args.resolution or (ARCHITECTURES[args.arch][1] if args.arch else 32)
     args.base_path = resolve_base(args.base)
     if args.precision == "auto":  # resolved here so that both trainers get the same one
-        args.precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
+        args.precision = (
+            ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "no"
+        )
     tokenizer = json.loads((Path(args.base_path) / "tokenizer" / "tokenizer_config.json").read_text())
-    tflop = lora_step_tflops(UNet2DConditionModel.load_config(args.base_path, subfolder="unet"), args.resolution,
-                             rank=args.rank, text_tokens=tokenizer.get("model_max_length", TEXT_TOKENS))
-    peak = args.peak_tflops or (peak_bf16_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None)
+    tflop = lora_step_tflops(
+        UNet2DConditionModel.load_config(args.base_path, subfolder="unet"),
+        args.resolution,
+        rank=args.rank,
+        text_tokens=tokenizer.get("model_max_length", TEXT_TOKENS),
+    )
+    peak = args.peak_tflops or (
+        peak_bf16_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {"machine": _machine(), "settings": {k: str(v) for k, v in vars(args).items()},
-                   "unet_tflop_per_image": round(tflop, 6), "peak_bf16_tflops": peak}
+        results = {
+            "machine": _machine(),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "unet_tflop_per_image": round(tflop, 6),
+            "peak_bf16_tflops": peak,
+        }
         training = [run_sdlora(args, work, variant) for variant in args.variant or [""]]
         if args.reference:
             try:
@@ -265,9 +385,11 @@ def main() -> None:
                 add_flop_figures(row, tflop, peak)
         if args.reference and "images_per_s" in training[-1]:
             ours, reference = training[0], training[-1]
-            ratio = {"trainer": "ratio sdlora/reference",
-                     "images_per_s": round(ours["images_per_s"] / reference["images_per_s"], 2),
-                     "peak_rss": round(ours["peak_rss_mib"] / reference["peak_rss_mib"], 2)}
+            ratio = {
+                "trainer": "ratio sdlora/reference",
+                "images_per_s": round(ours["images_per_s"] / reference["images_per_s"], 2),
+                "peak_rss": round(ours["peak_rss_mib"] / reference["peak_rss_mib"], 2),
+            }
             if "peak_gpu_mib" in ours:
                 ratio["peak_gpu"] = round(ours["peak_gpu_mib"] / max(reference["peak_gpu_mib"], 1), 2)
             training.append(ratio)

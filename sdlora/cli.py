@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlora import __version__
+from sdlora.compat import check_stack
 from sdlora.config import (
     FILE_FORMATS,
     FORMATS,
@@ -28,6 +29,7 @@ from sdlora.config import (
     parse_size,
     parse_weights,
 )
+from sdlora.errors import SdloraError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -36,24 +38,39 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         meta = f.metadata
         kind = _base_type(hints[f.name])
-        help_text = meta["help"] + (f" (default: {f.default})" if f.default not in (None, dataclasses.MISSING, False)
-                                    else "")
+        help_text = meta["help"] + (
+            f" (default: {f.default})" if f.default not in (None, dataclasses.MISSING, False) else ""
+        )
         if meta["positional"]:
             parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
             continue
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=meta["help"])
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=meta["help"]
+            )
         elif meta["repeat"]:
             parser.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
         elif meta["const"] is not None:
-            parser.add_argument(flag, nargs="?", const=meta["const"], default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag, nargs="?", const=meta["const"], default=argparse.SUPPRESS, help=help_text
+            )
         else:
-            parser.add_argument(flag, type=kind, choices=meta["choices"], default=argparse.SUPPRESS,
-                                help=help_text, metavar=f.name.upper() if not meta["choices"] else None)
-    parser.add_argument("--config", dest="config_file", metavar="FILE.toml", default=argparse.SUPPRESS,
-                        help="Read options from a TOML file (keys are the option names); flags override it.")
+            parser.add_argument(
+                flag,
+                type=kind,
+                choices=meta["choices"],
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=f.name.upper() if not meta["choices"] else None,
+            )
+    parser.add_argument(
+        "--config",
+        dest="config_file",
+        metavar="FILE.toml",
+        default=argparse.SUPPRESS,
+        help="Read options from a TOML file (keys are the option names); flags override it.",
+    )
 
 
 def _base_type(hint: Any) -> type:
@@ -87,8 +104,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun / accelerate launch, the main process reports
-    print(f"Adapter: {result.adapter}  (run folder: {result.run}, {result.steps} steps, "
-          f"final loss {result.final_loss:.4f}, {result.elapsed_s:.1f} s)")
+    print(
+        f"Adapter: {result.adapter}  (run folder: {result.run}, {result.steps} steps, "
+        f"final loss {result.final_loss:.4f}, {result.elapsed_s:.1f} s)"
+    )
     return 0
 
 
@@ -101,8 +120,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = Generator(config.base)
     weights = {generator.load_adapter(path): weight for path, weight in map(parse_lora_arg, config.lora)}
     width, height = parse_size(config.size) if config.size else (None, None)
-    params = GenerationParams(config.prompt, config.negative_prompt, config.seed, config.steps, config.guidance,
-                              width, height, config.scheduler)
+    params = GenerationParams(
+        config.prompt,
+        config.negative_prompt,
+        config.seed,
+        config.steps,
+        config.guidance,
+        width,
+        height,
+        config.scheduler,
+    )
     if config.sweep:
         if not weights:
             raise ConfigError("--sweep needs at least one --lora (the first one is swept).")
@@ -140,10 +167,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{summary['file']}: {summary['format']} layout, for {summary['family']}; {summary['modules']} modules, "
-          f"{summary['parameters']:,} parameters, {summary['size_bytes'] / 1024:.1f} KiB")
+    print(
+        f"{summary['file']}: {summary['format']} layout, for {summary['family']}; {summary['modules']} modules, "
+        f"{summary['parameters']:,} parameters, {summary['size_bytes'] / 1024:.1f} KiB"
+    )
     for name, part in summary["components"].items():
-        print(f"  {name}: {part['modules']} modules, rank {_counts(part['ranks'])}, alpha {_counts(part['alphas'])}")
+        print(
+            f"  {name}: {part['modules']} modules, rank {_counts(part['ranks'])}, alpha {_counts(part['alphas'])}"
+        )
     if args.modules:
         for name, part in summary["components"].items():
             for module, info in part["per_module"].items():
@@ -157,8 +188,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fit = summary.get("compatibility")
     if fit:
         mapped = ", ".join(f"{k} {v}" for k, v in fit["mapped"].items())
-        print(f"Against the base ({fit['base_family']}): {'fits' if fit['ok'] else 'DOES NOT FIT'}; "
-              f"modules mapped: {mapped}; not mapped: {len(fit['unmapped'])}")
+        print(
+            f"Against the base ({fit['base_family']}): {'fits' if fit['ok'] else 'DOES NOT FIT'}; "
+            f"modules mapped: {mapped}; not mapped: {len(fit['unmapped'])}"
+        )
         for line in fit["unmapped"][:20]:
             print(f"  not mapped: {line}")
         return 0 if fit["ok"] else 1
@@ -192,8 +225,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merged, report = merge_loras([(read_lora(path), weight) for path, weight in adapters], rank=args.rank)
     write_lora(merged, args.out, args.format)
     how = f"SVD to rank {report.rank}" if report.rank else "concatenated ranks (exact)"
-    print(f"Merged {len(adapters)} adapters into {args.out}: {how}; relative error max "
-          f"{report.max_relative_error:.2e}, mean {report.mean_relative_error:.2e}")
+    print(
+        f"Merged {len(adapters)} adapters into {args.out}: {how}; relative error max "
+        f"{report.max_relative_error:.2e}, mean {report.mean_relative_error:.2e}"
+    )
     return 0
 
 
@@ -201,7 +236,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     try:
         from ui.__main__ import main as ui_main
     except ImportError as error:
-        raise ConfigError(f"The app needs the ui package next to sdlora (run from the project folder): {error}") from error
+        raise ConfigError(
+            f"The app needs the ui package next to sdlora (run from the project folder): {error}"
+        ) from error
     ui_main(args.rest)
     return 0
 
@@ -214,13 +251,17 @@ def cmd_demo_build(args: argparse.Namespace) -> int:
 
 
 def _say_demo_model() -> None:
-    print("Using the bundled demo model (tiny, draws coloured shapes at 32 px). "
-          "For real work pass --base with a hub id, a diffusers folder or a .safetensors checkpoint.",
-          file=sys.stderr)
+    print(
+        "Using the bundled demo model (tiny, draws coloured shapes at 32 px). "
+        "For real work pass --base with a hub id, a diffusers folder or a .safetensors checkpoint.",
+        file=sys.stderr,
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlora", description="Train and use Stable Diffusion LoRA adapters.")
+    parser = argparse.ArgumentParser(
+        prog="sdlora", description="Train and use Stable Diffusion LoRA adapters."
+    )
     parser.add_argument("--version", action="version", version=f"sdlora {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="Show library logging.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -233,40 +274,66 @@ def make_parser() -> argparse.ArgumentParser:
     add_config_arguments(generate, GenerateConfig)
     generate.set_defaults(handler=cmd_generate)
 
-    inspect = commands.add_parser("inspect", help="What an adapter is for, its metadata, ranks and alphas; "
-                                  "with --base, whether it fits that base.")
+    inspect = commands.add_parser(
+        "inspect",
+        help="What an adapter is for, its metadata, ranks and alphas; "
+        "with --base, whether it fits that base.",
+    )
     inspect.add_argument("file", help="Adapter .safetensors file (any layout) or peft folder.")
-    inspect.add_argument("--base", nargs="?", const="", default=None,
-                         help="Check every module against this base (bare --base: the demo model).")
+    inspect.add_argument(
+        "--base",
+        nargs="?",
+        const="",
+        default=None,
+        help="Check every module against this base (bare --base: the demo model).",
+    )
     inspect.add_argument("--modules", action="store_true", help="List rank and alpha per module.")
     inspect.add_argument("--json", action="store_true", help="Print JSON.")
     inspect.set_defaults(handler=cmd_inspect)
 
     convert = commands.add_parser("convert", help="Rewrite an adapter in another layout (true alpha kept).")
     convert.add_argument("input", help="Adapter file or peft folder, any layout.")
-    convert.add_argument("--to", required=True, choices=FORMATS,
-                         help="kohya: AUTOMATIC1111/ComfyUI; diffusers: load_lora_weights; peft: a folder.")
+    convert.add_argument(
+        "--to",
+        required=True,
+        choices=FORMATS,
+        help="kohya: AUTOMATIC1111/ComfyUI; diffusers: load_lora_weights; peft: a folder.",
+    )
     convert.add_argument("output", help="Output .safetensors file (or folder for peft).")
     convert.set_defaults(handler=cmd_convert)
 
-    merge = commands.add_parser("merge", help="Merge adapters at weights into one LoRA, or into a full model.")
+    merge = commands.add_parser(
+        "merge", help="Merge adapters at weights into one LoRA, or into a full model."
+    )
     merge.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
-    merge.add_argument("--out", required=True, help="Merged LoRA (.safetensors) or, with --into-model, a folder.")
-    merge.add_argument("--rank", type=int, default=None,
-                       help="Re-factorise to this rank by SVD (reports the error); default: concatenate ranks.")
-    merge.add_argument("--format", choices=FILE_FORMATS, default="diffusers", help="Layout of the merged LoRA.")
-    merge.add_argument("--into-model", action="store_true", help="Fuse into the base and save a diffusers folder.")
+    merge.add_argument(
+        "--out", required=True, help="Merged LoRA (.safetensors) or, with --into-model, a folder."
+    )
+    merge.add_argument(
+        "--rank",
+        type=int,
+        default=None,
+        help="Re-factorise to this rank by SVD (reports the error); default: concatenate ranks.",
+    )
+    merge.add_argument(
+        "--format", choices=FILE_FORMATS, default="diffusers", help="Layout of the merged LoRA."
+    )
+    merge.add_argument(
+        "--into-model", action="store_true", help="Fuse into the base and save a diffusers folder."
+    )
     merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
     merge.set_defaults(handler=cmd_merge)
 
-    ui = commands.add_parser("ui", help="Serve the web app on 127.0.0.1:7860 (options: sdlora ui --help).",
-                             add_help=False)
+    ui = commands.add_parser(
+        "ui", help="Serve the web app on 127.0.0.1:7860 (options: sdlora ui --help).", add_help=False
+    )
     ui.set_defaults(handler=cmd_ui, passthrough=True)
 
     demo = commands.add_parser("demo-model", help="The bundled demo base model.")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
-    build = demo_commands.add_parser("build", help="Rebuild the demo model from scratch (options: --help).",
-                                     add_help=False)
+    build = demo_commands.add_parser(
+        "build", help="Rebuild the demo model from scratch (options: --help).", add_help=False
+    )
     build.set_defaults(handler=cmd_demo_build, passthrough=True)
     return parser
 
@@ -280,14 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.verbose:
         _quiet_libraries()
-    from sdlora.adapters import AdapterError
-    from sdlora.data import DataError
-    from sdlora.models import BaseModelError
-    from sdlora.train import TrainingError
-
     try:
+        check_stack()
         return args.handler(args)
-    except (ConfigError, DataError, BaseModelError, AdapterError, TrainingError) as error:
+    except SdloraError as error:
         print(f"sdlora: error: {error}", file=sys.stderr)
         return 2
 

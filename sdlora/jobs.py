@@ -92,8 +92,12 @@ class JobQueue:
     def resume(self, job_id: int) -> Job:
         """Queue a new job that continues a cancelled or failed one from its newest checkpoint."""
         job = self._jobs.get(job_id)
-        if (job is None or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED) or job.run_dir is None
-                or RunFolder(job.run_dir).latest_checkpoint() is None):
+        if (
+            job is None
+            or job.status not in (JobStatus.CANCELLED, JobStatus.FAILED)
+            or job.run_dir is None
+            or RunFolder(job.run_dir).latest_checkpoint() is None
+        ):
             raise ConfigError("Only a cancelled or failed job with a checkpoint can be resumed.")
         return self.submit(dataclasses.replace(job.config, resume=str(job.run_dir)), job.processes)
 
@@ -128,8 +132,9 @@ class JobQueue:
                 job.status = JobStatus.RUNNING
             try:
                 if job.processes > 1:
-                    job.result = train_distributed(job.config, job.processes, on_event=job.events.append,
-                                                   cancel=job.cancel_requested)
+                    job.result = train_distributed(
+                        job.config, job.processes, on_event=job.events.append, cancel=job.cancel_requested
+                    )
                 else:
                     job.result = train(job.config, on_event=job.events.append, cancel=job.cancel_requested)
                 job.status = JobStatus.CANCELLED if job.result.cancelled else JobStatus.DONE

@@ -27,10 +27,14 @@ def tiny_base(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_vpred_base(tmp_path_factory) -> str:
     """The same with a v-prediction scheduler, as SD 2.x uses."""
-    return str(save_tiny_pipeline(tmp_path_factory.mktemp("bases") / "tiny-sd-v", prediction_type="v_prediction"))
+    return str(
+        save_tiny_pipeline(tmp_path_factory.mktemp("bases") / "tiny-sd-v", prediction_type="v_prediction")
+    )
 
 
-def draw_blob(path: Path, size: tuple[int, int], colour: tuple[int, int, int], caption: str | None = None) -> Path:
+def draw_blob(
+    path: Path, size: tuple[int, int], colour: tuple[int, int, int], caption: str | None = None
+) -> Path:
     image = Image.new("RGB", size, "white")
     w, h = size
     ImageDraw.Draw(image).ellipse((w * 0.2, h * 0.2, w * 0.8, h * 0.8), fill=colour)
@@ -56,7 +60,14 @@ def train_config(data_dir: Path, base: str, outputs: Path, **overrides):
     """A quick CPU training config on the tiny base."""
     from sdlora.config import TrainConfig
 
-    values = dict(data_dir=str(data_dir), prompt="a photo of sks blob", base=base, steps=4, rank=4, lr=1e-3,
-                  outputs=str(outputs))
+    values = dict(
+        data_dir=str(data_dir),
+        prompt="a photo of sks blob",
+        base=base,
+        steps=4,
+        rank=4,
+        lr=1e-3,
+        outputs=str(outputs),
+    )
     values.update(overrides)
     return TrainConfig(**values)

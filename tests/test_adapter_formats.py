@@ -33,8 +33,20 @@ def trained(tiny_base, tmp_path_factory):
         folder.mkdir()
         for i in range(3):
             draw_blob(folder / f"{i}.png", (16, 16), colour, caption=f"a sks blob, style{index}")
-        result = train(train_config(folder, tiny_base, root / "out", steps=5, lr=5e-3, rank=4, alpha=7 + index,
-                                    text_encoder=te, name=f"a{index}", seed=index))
+        result = train(
+            train_config(
+                folder,
+                tiny_base,
+                root / "out",
+                steps=5,
+                lr=5e-3,
+                rank=4,
+                alpha=7 + index,
+                text_encoder=te,
+                name=f"a{index}",
+                seed=index,
+            )
+        )
         paths.append(result.adapter)
     return paths
 
@@ -59,8 +71,10 @@ def test_every_layout_gives_the_same_delta_weights(trained, tmp_path):
     alphas = {v.item() for k, v in kohya_tensors.items() if k.endswith(".alpha")}
     assert alphas == {7.0}
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya_tensors)
-    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0")
-               for k in kohya_tensors)
+    assert any(
+        k.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0")
+        for k in kohya_tensors
+    )
 
 
 def test_kohya_export_loads_in_diffusers_with_the_same_unet_output(trained, tiny_base, tmp_path):
@@ -105,8 +119,10 @@ def test_a_lora_for_another_base_is_refused_with_the_reason(trained, tmp_path):
     assert "32" in str(error.value) and "48" in str(error.value)
     assert generator.adapters == {}
     # An SDXL-style file (two text encoders) is named as such.
-    sdxl = {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
-            "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4)}
+    sdxl = {
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 1280),
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(1280, 4),
+    }
     save_file(sdxl, tmp_path / "xl.safetensors")
     with pytest.raises(AdapterError, match="for sdxl"):
         generator.load_adapter(tmp_path / "xl.safetensors")
@@ -118,7 +134,9 @@ def test_concatenated_merge_is_exact_and_svd_reports_its_error(trained):
     merged, report = merge_loras([(a, 0.7), (b, -0.4)])
     assert report.max_relative_error == 0.0
     for key, module in merged.modules.items():
-        expected = sum(w * lora.modules[key].delta() for lora, w in ((a, 0.7), (b, -0.4)) if key in lora.modules)
+        expected = sum(
+            w * lora.modules[key].delta() for lora, w in ((a, 0.7), (b, -0.4)) if key in lora.modules
+        )
         torch.testing.assert_close(module.delta(), expected, rtol=1e-5, atol=1e-6)
     full, full_report = merge_loras([(a, 0.7), (b, -0.4)], rank=8)  # 4 + 4: full rank
     assert full_report.max_relative_error < 1e-5
@@ -133,14 +151,28 @@ def test_fused_full_model_matches_the_base_with_adapters(trained, tiny_base, tmp
     fused = DiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     generator = Generator(tiny_base, fuse=False)  # adapters applied on the fly, not folded in
     generator.activate({generator.load_adapter(p): w for p, w in weights})
-    torch.testing.assert_close(unet_output(fused.unet), unet_output(generator.pipe.unet), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        unet_output(fused.unet), unet_output(generator.pipe.unet), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_convert_and_merge_commands(trained, tmp_path, capsys):
     kohya = tmp_path / "k.safetensors"
     assert main(["convert", str(trained[0]), "--to", "kohya", str(kohya)]) == 0
-    assert main(["merge", f"{trained[0]}:0.5", f"{trained[1]}:0.5", "--rank", "4", "--out",
-                 str(tmp_path / "m.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                f"{trained[0]}:0.5",
+                f"{trained[1]}:0.5",
+                "--rank",
+                "4",
+                "--out",
+                str(tmp_path / "m.safetensors"),
+            ]
+        )
+        == 0
+    )
     assert "relative error" in capsys.readouterr().out
     assert main(["inspect", str(kohya), "--modules"]) == 0
     out = capsys.readouterr().out
@@ -148,8 +180,11 @@ def test_convert_and_merge_commands(trained, tmp_path, capsys):
 
 
 def test_training_can_write_kohya_directly(tiny_base, blob_folder, tmp_path):
-    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=1, rank=2, alpha=3,
-                                adapter_format="kohya"))
+    result = train(
+        train_config(
+            blob_folder, tiny_base, tmp_path / "out", steps=1, rank=2, alpha=3, adapter_format="kohya"
+        )
+    )
     tensors, metadata = read_adapter(result.adapter)
     assert all(k.startswith("lora_unet_") for k in tensors) and metadata["ss_network_alpha"] == "3"
     assert Generator(tiny_base).load_adapter(result.adapter).startswith("lora_")

@@ -33,9 +33,22 @@ def test_a_lora_step_on_sd15_costs_about_1_7_tflop_per_image():
 
 
 def test_benchmark_runs_on_the_demo_model(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--steps", "6",
-                             "--skip-generation", "--variant", "", "--variant=--channels-last"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench.py"),
+            "--steps",
+            "6",
+            "--skip-generation",
+            "--variant",
+            "",
+            "--variant=--channels-last",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout)
     assert [row["trainer"] for row in figures["training"]] == ["sdlora", "sdlora --channels-last"]
@@ -56,10 +69,21 @@ def test_step_timer_times_only_the_training_bar(tmp_path):
         "for _ in range(5):\n"
         "    time.sleep(0.02)\n"
         "    steps.update(1)\n"
-        "assert sys.argv[1:] == ['--max_train_steps', '5']\n")
+        "assert sys.argv[1:] == ['--max_train_steps', '5']\n"
+    )
     times = tmp_path / "times.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_timer.py"), str(times), str(script),
-                    "--max_train_steps", "5"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "step_timer.py"),
+            str(times),
+            str(script),
+            "--max_train_steps",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+    )
     stamps = json.loads(times.read_text())
     assert len(stamps) == 5
     assert all(0.015 < b - a < 1.0 for a, b in zip(stamps, stamps[1:], strict=False))

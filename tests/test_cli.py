@@ -13,21 +13,59 @@ from tests.conftest import draw_blob
 def test_train_generate_inspect(tiny_base, blob_folder, tmp_path, capsys):
     out = tmp_path / "outputs"
     adapter = tmp_path / "blob.safetensors"
-    code = main(["train", str(blob_folder), "--prompt", "a photo of sks blob", "--base", tiny_base, "--steps", "2",
-                 "--rank", "4", "--alpha", "8", "--outputs", str(out), "--out", str(adapter), "--text-encoder"])
+    code = main(
+        [
+            "train",
+            str(blob_folder),
+            "--prompt",
+            "a photo of sks blob",
+            "--base",
+            tiny_base,
+            "--steps",
+            "2",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--outputs",
+            str(out),
+            "--out",
+            str(adapter),
+            "--text-encoder",
+        ]
+    )
     assert code == 0 and adapter.is_file()
     assert "Adapter:" in capsys.readouterr().out
 
     toml = tmp_path / "job.toml"
-    toml.write_text(f'data_dir = "{blob_folder}"\nprompt = "a sks blob"\nbase = "{tiny_base}"\nsteps = 1\n'
-                    f'outputs = "{out}"\nname = "second"\nsample-prompt = ["a blob"]\nsample_every = 1\n')
+    toml.write_text(
+        f'data_dir = "{blob_folder}"\nprompt = "a sks blob"\nbase = "{tiny_base}"\nsteps = 1\n'
+        f'outputs = "{out}"\nname = "second"\nsample-prompt = ["a blob"]\nsample_every = 1\n'
+    )
     assert main(["train", "--config", str(toml), "--rank", "2"]) == 0
     second = out / "adapters" / "second.safetensors"
     assert second.is_file()
 
     image_path = tmp_path / "cmp.png"
-    code = main(["generate", "a photo of sks blob", "--base", tiny_base, "--lora", f"{adapter}:0.7",
-                 "--lora", str(second), "--steps", "2", "--seed", "3", "--compare", "--out", str(image_path)])
+    code = main(
+        [
+            "generate",
+            "a photo of sks blob",
+            "--base",
+            tiny_base,
+            "--lora",
+            f"{adapter}:0.7",
+            "--lora",
+            str(second),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--compare",
+            "--out",
+            str(image_path),
+        ]
+    )
     assert code == 0
     grid = Image.open(image_path)
     assert grid.width == 4 * 128  # base, each adapter, mix
@@ -47,7 +85,18 @@ def test_resume_flag_and_errors(tiny_base, tmp_path, capsys):
     data.mkdir()
     draw_blob(data / "a.png", (16, 16), (0, 0, 255))
     out = tmp_path / "outputs"
-    args = ["train", str(data), "--prompt", "sks", "--base", tiny_base, "--outputs", str(out), "--save-every", "1"]
+    args = [
+        "train",
+        str(data),
+        "--prompt",
+        "sks",
+        "--base",
+        tiny_base,
+        "--outputs",
+        str(out),
+        "--save-every",
+        "1",
+    ]
     assert main([*args, "--steps", "1"]) == 0
     assert main([*args, "--steps", "2", "--resume"]) == 0
     runs = list((out / "runs").iterdir())

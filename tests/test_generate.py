@@ -26,7 +26,9 @@ def two_adapters(tiny_base, tmp_path_factory) -> tuple[str, str]:
         folder.mkdir()
         for i in range(3):
             draw_blob(folder / f"{i}.png", (16, 16), colour)
-        result = train(train_config(folder, tiny_base, root / "out", steps=6, lr=5e-3, name=name, seed=len(paths)))
+        result = train(
+            train_config(folder, tiny_base, root / "out", steps=6, lr=5e-3, name=name, seed=len(paths))
+        )
         paths.append(str(result.adapter))
     return paths[0], paths[1]
 
@@ -83,12 +85,16 @@ def test_compare_and_sweep(generator):
 
 
 def test_png_carries_its_parameters(generator, tmp_path):
-    image = generator.generate(GenerationParams("a blob", negative_prompt="blurry", seed=3, steps=2,
-                                                scheduler="euler-a"), {"lora_green": 0.5})
+    image = generator.generate(
+        GenerationParams("a blob", negative_prompt="blurry", seed=3, steps=2, scheduler="euler-a"),
+        {"lora_green": 0.5},
+    )
     path = save_png(image, tmp_path / "x.png")
     text = Image.open(path).info["parameters"]
     assert text.startswith("a blob\nNegative prompt: blurry\n")
-    assert "Steps: 2" in text and "Sampler: Euler a" in text and "Seed: 3" in text and "Lora: green:0.5" in text
+    assert (
+        "Steps: 2" in text and "Sampler: Euler a" in text and "Seed: 3" in text and "Lora: green:0.5" in text
+    )
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "euler-a", "ddim"])

@@ -68,8 +68,9 @@ def test_a_job_can_run_on_several_processes_and_be_cancelled(tiny_base, blob_fol
     assert [e["step"] for e in job.events if e["event"] == "step"] == [1, 2, 3]  # the main process's stream
     assert job.result.adapter.is_file() and len(list((tmp_path / "a" / "runs").iterdir())) == 1
 
-    long = queue.submit(train_config(blob_folder, tiny_base, tmp_path / "b", steps=10_000, name="long"),
-                        processes=2)
+    long = queue.submit(
+        train_config(blob_folder, tiny_base, tmp_path / "b", steps=10_000, name="long"), processes=2
+    )
     while long.last("step") is None and not long.finished:
         time.sleep(0.05)
     queue.cancel(long.id)
@@ -78,8 +79,9 @@ def test_a_job_can_run_on_several_processes_and_be_cancelled(tiny_base, blob_fol
 
     # `--resume latest` under several processes: the launcher follows the resumed run's new events only.
     cancelled_at = long.last("cancelled")["step"]
-    config = train_config(blob_folder, tiny_base, tmp_path / "b", steps=cancelled_at + 1, name="long",
-                          resume="latest")
+    config = train_config(
+        blob_folder, tiny_base, tmp_path / "b", steps=cancelled_at + 1, name="long", resume="latest"
+    )
     events: list[dict] = []
     result = train_distributed(config, 2, on_event=events.append)
     assert result.run == long.run_dir and result.steps == cancelled_at + 1 and not result.cancelled

@@ -28,8 +28,11 @@ DATA = Path(__file__).resolve().parents[1] / "training_data"
 SEEDS = range(6)
 SUBJECT_PROMPT = "a purple sks shape on a white background"
 CLASS_PROMPT = "a purple shape on a white background"
-STYLE_PROMPTS = ["a red circle on a white background", "a blue square on a white background",
-                 "a green circle on a white background"]
+STYLE_PROMPTS = [
+    "a red circle on a white background",
+    "a blue square on a white background",
+    "a green circle on a white background",
+]
 STYLE_WEIGHTS = [0.0, 0.25, 0.5, 0.75, 1.0]
 GENERATION = {"steps": 25, "guidance": 4.0}
 
@@ -50,7 +53,7 @@ def hollowness(image: Image.Image) -> float:
     for row in alpha:
         ink = np.flatnonzero(row > 0.5)
         if len(ink) >= 2:
-            span = row[ink[0]: ink[-1] + 1]
+            span = row[ink[0] : ink[-1] + 1]
             inside += len(span)
             background += int((span < 0.5).sum())
     return background / inside if inside else 0.0
@@ -74,7 +77,7 @@ def interior_ink(image: Image.Image) -> float:
         return 0.0
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     h, w = bottom - top, right - left
-    return float(alpha[top + h // 4: bottom - h // 4, left + w // 4: right - w // 4].mean())
+    return float(alpha[top + h // 4 : bottom - h // 4, left + w // 4 : right - w // 4].mean())
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -86,8 +89,14 @@ def train_adapters(out: Path) -> dict[str, Path]:
     subject = {"data_dir": str(DATA / "sks_star"), "prompt": "a purple sks shape", "steps": 400}
     configs = {
         "star": TrainConfig(**subject, **common, name="star"),
-        "star_prior": TrainConfig(**subject, **common, name="star_prior", class_prompt="a purple shape",
-                                  num_class_images=16, class_dir=str(out / "class")),
+        "star_prior": TrainConfig(
+            **subject,
+            **common,
+            name="star_prior",
+            class_prompt="a purple shape",
+            num_class_images=16,
+            class_dir=str(out / "class"),
+        ),
         "outlined": TrainConfig(data_dir=str(DATA / "style_outlined"), steps=400, name="outlined", **common),
         "striped": TrainConfig(data_dir=str(DATA / "style_striped"), steps=400, name="striped", **common),
     }
@@ -134,8 +143,11 @@ def measure_styles(generator: Generator) -> list[float]:
     """Mean interior ink at each weight t of (outlined 1 - t, striped t): hollow outlines -> filled stripes."""
     values = []
     for t in STYLE_WEIGHTS:
-        images = [i for p in STYLE_PROMPTS
-                  for i in render(generator, p, {"lora_outlined": 1 - t, "lora_striped": t}, seeds=range(3))]
+        images = [
+            i
+            for p in STYLE_PROMPTS
+            for i in render(generator, p, {"lora_outlined": 1 - t, "lora_striped": t}, seeds=range(3))
+        ]
         values.append(float(np.mean([interior_ink(i) for i in images])))
     return values
 
@@ -166,18 +178,28 @@ def main(docs: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         generator = make_generator(train_adapters(Path(tmp)))
-        figures = {"subject_star_distance": measure_subject(generator),
-                   "class_prompt_drift_toward_star": measure_prior(generator),
-                   "style_interior_ink_by_striped_weight": dict(zip(map(str, STYLE_WEIGHTS), measure_styles(generator),
-                                                                  strict=True))}
+        figures = {
+            "subject_star_distance": measure_subject(generator),
+            "class_prompt_drift_toward_star": measure_prior(generator),
+            "style_interior_ink_by_striped_weight": dict(
+                zip(map(str, STYLE_WEIGHTS), measure_styles(generator), strict=True)
+            ),
+        }
         rows = []
         for prompt in (SUBJECT_PROMPT, CLASS_PROMPT):
-            for label, weights in (("base", {}), ("sks LoRA", {"lora_star": 1.0}),
-                                   ("sks LoRA + prior", {"lora_star_prior": 1.0})):
+            for label, weights in (
+                ("base", {}),
+                ("sks LoRA", {"lora_star": 1.0}),
+                ("sks LoRA + prior", {"lora_star_prior": 1.0}),
+            ):
                 rows.append((f"{label}", render(generator, prompt, weights, seeds=[1])[0]))
         for t in STYLE_WEIGHTS:
-            rows.append((f"outl {1 - t:g} / str {t:g}",
-                         render(generator, STYLE_PROMPTS[0], {"lora_outlined": 1 - t, "lora_striped": t}, [1])[0]))
+            rows.append(
+                (
+                    f"outl {1 - t:g} / str {t:g}",
+                    render(generator, STYLE_PROMPTS[0], {"lora_outlined": 1 - t, "lora_striped": t}, [1])[0],
+                )
+            )
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "learning.json").write_text(json.dumps(figures, indent=2) + "\n")
     save_png(image_grid(rows[:6], columns=3), docs / "learning_subject.png")

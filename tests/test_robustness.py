@@ -47,8 +47,18 @@ def bad_image_corpus(folder: Path) -> tuple[set[str], set[str]]:
     for name in ("猫.png", "кошка.jpeg", "gato é.webp"):
         draw_blob(folder / name, (24, 24), (0, 0, 200))
     (folder / "notes.txt").write_text("not an image, not a caption of one")
-    used = {"good.png", "animated.webp", "sixteen-bit.png", "cmyk.jpg", "palette-alpha.png", "very-wide.png",
-            "tiny.bmp", "猫.png", "кошка.jpeg", "gato é.webp"}
+    used = {
+        "good.png",
+        "animated.webp",
+        "sixteen-bit.png",
+        "cmyk.jpg",
+        "palette-alpha.png",
+        "very-wide.png",
+        "tiny.bmp",
+        "猫.png",
+        "кошка.jpeg",
+        "gato é.webp",
+    }
     skipped = {"truncated.png", "empty.png", "page.png", "dangling.jpg", "bomb.png"}
     return used, skipped
 
@@ -114,7 +124,9 @@ def test_out_of_memory_says_what_to_change(tiny_base, blob_folder, tmp_path, mon
 
 def test_malformed_and_pickled_adapters_are_refused(tmp_path):
     header = tmp_path / "header.safetensors"
-    header.write_bytes((200).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [9999999]}' + b" " * 200)
+    header.write_bytes(
+        (200).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [9999999]}' + b" " * 200
+    )
     with pytest.raises(AdapterError, match="header.safetensors"):
         read_lora(header)
     for name in ("lora.ckpt", "lora.pt", "lora.bin"):
@@ -124,16 +136,42 @@ def test_malformed_and_pickled_adapters_are_refused(tmp_path):
 
 
 def test_adapter_names_cannot_escape_outputs(tiny_base, blob_folder, tmp_path):
-    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=1, name="../../etc/evil name"))
+    result = train(
+        train_config(blob_folder, tiny_base, tmp_path / "out", steps=1, name="../../etc/evil name")
+    )
     assert result.adapter.parent == tmp_path / "out" / "adapters"
     assert result.adapter.name == "etc_evil_name.safetensors"
     assert result.run.parent == tmp_path / "out" / "runs"
 
 
 def _cli_train(data: Path, base: str, outputs: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "sdlora", "train", str(data), "--prompt", "a sks blob", "--base", base,
-            "--steps", str(steps), "--save-every", "3", "--keep-checkpoints", "2", "--rank", "4", "--lr", "1e-3",
-            "--outputs", str(outputs), "--name", "killed", "--dropout", "0.1"]
+    return [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        str(data),
+        "--prompt",
+        "a sks blob",
+        "--base",
+        base,
+        "--steps",
+        str(steps),
+        "--save-every",
+        "3",
+        "--keep-checkpoints",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--outputs",
+        str(outputs),
+        "--name",
+        "killed",
+        "--dropout",
+        "0.1",
+    ]
 
 
 def test_kill_9_mid_run_loses_nothing_and_resume_matches(tiny_base, blob_folder, tmp_path):
@@ -148,26 +186,44 @@ def test_kill_9_mid_run_loses_nothing_and_resume_matches(tiny_base, blob_folder,
         args = _cli_train(blob_folder, tiny_base, outputs, steps)
         if list((outputs / "runs").glob("killed-*/checkpoints/step-*")):
             args.append("--resume")
-        process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
-            events = [e for run in (outputs / "runs").glob("killed-*") for e in read_events(run / "events.jsonl")]
+            events = [
+                e for run in (outputs / "runs").glob("killed-*") for e in read_events(run / "events.jsonl")
+            ]
             if sum(e["event"] == "step" for e in events) >= point:
                 break
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        checkpoints = [c for run in (outputs / "runs").glob("killed-*") for c in list_checkpoints(run / "checkpoints")]
+        checkpoints = [
+            c for run in (outputs / "runs").glob("killed-*") for c in list_checkpoints(run / "checkpoints")
+        ]
         assert all(load_checkpoint(c).step % 3 == 0 for c in checkpoints)  # each one complete and loadable
         adapters = outputs / "adapters"
         assert not adapters.exists() or not list(adapters.iterdir()), "an adapter appeared before the end"
         resumed_from.append(max((load_checkpoint(c).step for c in checkpoints), default=0))
 
-    finish = subprocess.run(_cli_train(blob_folder, tiny_base, outputs, steps) + ["--resume"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    finish = subprocess.run(
+        _cli_train(blob_folder, tiny_base, outputs, steps) + ["--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert finish.returncode == 0, finish.stderr[-2000:]
-    straight = subprocess.run(_cli_train(blob_folder, tiny_base, tmp_path / "straight", steps), cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=600)
+    straight = subprocess.run(
+        _cli_train(blob_folder, tiny_base, tmp_path / "straight", steps),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
     a = read_adapter(outputs / "adapters" / "killed.safetensors")[0]
     b = read_adapter(tmp_path / "straight" / "adapters" / "killed.safetensors")[0]

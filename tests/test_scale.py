@@ -27,10 +27,23 @@ def tiny_sdxl(tmp_path_factory) -> str:
 
 
 def test_sdxl_trains_exports_imports_and_stacks(tiny_sdxl, blob_folder, tmp_path):
-    first = train(train_config(blob_folder, tiny_sdxl, tmp_path / "out", steps=3, rank=4, alpha=6, name="xl_a",
-                               text_encoder=True, class_prompt="a photo of blob", num_class_images=2))
-    second = train(train_config(blob_folder, tiny_sdxl, tmp_path / "out", steps=3, rank=2, name="xl_b", seed=1,
-                                lr=5e-3))
+    first = train(
+        train_config(
+            blob_folder,
+            tiny_sdxl,
+            tmp_path / "out",
+            steps=3,
+            rank=4,
+            alpha=6,
+            name="xl_a",
+            text_encoder=True,
+            class_prompt="a photo of blob",
+            num_class_images=2,
+        )
+    )
+    second = train(
+        train_config(blob_folder, tiny_sdxl, tmp_path / "out", steps=3, rank=2, name="xl_b", seed=1, lr=5e-3)
+    )
     summary = summarize(first.adapter)
     assert summary["family"] == "sdxl" and summary["facts"]["family"] == "sdxl"
     assert set(summary["components"]) == {"unet", "text_encoder", "text_encoder_2"}
@@ -52,24 +65,74 @@ def test_sdxl_trains_exports_imports_and_stacks(tiny_sdxl, blob_folder, tmp_path
 
 
 def _torchrun(processes: int, data: Path, base: str, outputs: Path, *extra: str) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "sdlora", "train", str(data),
-               "--prompt", "a sks blob", "--base", base, "--rank", "4", "--lr", "1e-3", "--outputs", str(outputs),
-               "--name", "ddp", "--class-prompt", "a blob", "--num-class-images", "2", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "sdlora",
+        "train",
+        str(data),
+        "--prompt",
+        "a sks blob",
+        "--base",
+        base,
+        "--rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--outputs",
+        str(outputs),
+        "--name",
+        "ddp",
+        "--class-prompt",
+        "a blob",
+        "--num-class-images",
+        "2",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_two_processes_match_one_at_equal_global_batch_and_resume(tiny_base, blob_folder, tmp_path):
-    single = train(train_config(blob_folder, tiny_base, tmp_path / "one", steps=6, batch_size=2, name="ddp",
-                                prompt="a sks blob",
-                                lr=1e-3, class_prompt="a blob", num_class_images=2,
-                                class_dir=str(tmp_path / "class")))
+    single = train(
+        train_config(
+            blob_folder,
+            tiny_base,
+            tmp_path / "one",
+            steps=6,
+            batch_size=2,
+            name="ddp",
+            prompt="a sks blob",
+            lr=1e-3,
+            class_prompt="a blob",
+            num_class_images=2,
+            class_dir=str(tmp_path / "class"),
+        )
+    )
     shutil.copytree(tmp_path / "class", tmp_path / "two" / "class_images" / "tiny-sd" / "a_blob-16px")
-    _torchrun(2, blob_folder, tiny_base, tmp_path / "two", "--batch-size", "1", "--steps", "4", "--save-every", "2")
-    _torchrun(2, blob_folder, tiny_base, tmp_path / "two", "--batch-size", "1", "--steps", "6", "--save-every", "2",
-              "--resume")
+    _torchrun(
+        2, blob_folder, tiny_base, tmp_path / "two", "--batch-size", "1", "--steps", "4", "--save-every", "2"
+    )
+    _torchrun(
+        2,
+        blob_folder,
+        tiny_base,
+        tmp_path / "two",
+        "--batch-size",
+        "1",
+        "--steps",
+        "6",
+        "--save-every",
+        "2",
+        "--resume",
+    )
     (run,) = list((tmp_path / "two" / "runs").iterdir())  # one run folder, written by the main process only
     events = read_events(run / "events.jsonl")
     assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4, 5, 6]

@@ -38,9 +38,12 @@ def text_output(pipe) -> torch.Tensor:
         return pipe.text_encoder(ids)[0]
 
 
-def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(tiny_base, blob_folder, tmp_path):
-    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=16, save_every=4,
-                          text_encoder=True)
+def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(
+    tiny_base, blob_folder, tmp_path
+):
+    config = train_config(
+        blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=16, save_every=4, text_encoder=True
+    )
     result = train(config)
     assert result.adapter.is_file() and result.steps == 4
 
@@ -48,12 +51,15 @@ def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(t
     checkpoint = load_file(result.run / "checkpoints" / "step-000004" / "lora.safetensors")
     in_memory = load(tiny_base)
     unet_before, text_before = unet_output(in_memory.unet), text_output(in_memory)
-    for part, targets in (("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
-                          ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj"])):
+    for part, targets in (
+        ("unet", ["to_q", "to_k", "to_v", "to_out.0"]),
+        ("text_encoder", ["q_proj", "k_proj", "v_proj", "out_proj"]),
+    ):
         model = getattr(in_memory, part)
         model.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=targets))
-        set_peft_model_state_dict(model, {k.removeprefix(f"{part}."): v for k, v in checkpoint.items()
-                                          if k.startswith(f"{part}.")})
+        set_peft_model_state_dict(
+            model, {k.removeprefix(f"{part}."): v for k, v in checkpoint.items() if k.startswith(f"{part}.")}
+        )
     unet_expected, text_expected = unet_output(in_memory.unet), text_output(in_memory)
     assert (unet_expected - unet_before).abs().max() > 1e-4, "training did not change the U-Net's output"
     assert (text_expected - text_before).abs().max() > 1e-4, "training did not change the text encoder"
@@ -66,8 +72,18 @@ def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(t
 
 
 def test_metadata_round_trips(tiny_base, blob_folder, tmp_path):
-    config = train_config(blob_folder, tiny_base, tmp_path / "out", rank=4, alpha=2, steps=2, lr=5e-4,
-                          class_prompt="a photo of blob", num_class_images=2, text_encoder=True)
+    config = train_config(
+        blob_folder,
+        tiny_base,
+        tmp_path / "out",
+        rank=4,
+        alpha=2,
+        steps=2,
+        lr=5e-4,
+        class_prompt="a photo of blob",
+        num_class_images=2,
+        text_encoder=True,
+    )
     result = train(config)
     facts = summarize(result.adapter)["facts"]
     assert facts["rank"] == 4 and facts["alpha"] == 2.0 and facts["steps"] == 2
@@ -89,8 +105,16 @@ def test_cross_attention_only_targets_attn2(tiny_base, blob_folder, tmp_path):
 
 def test_prior_preservation_generates_then_reuses_class_images(tiny_base, blob_folder, tmp_path):
     class_dir = tmp_path / "class"
-    config = train_config(blob_folder, tiny_base, tmp_path / "out", steps=2, class_prompt="a photo of blob",
-                          class_dir=str(class_dir), num_class_images=3, prior_weight=0.5)
+    config = train_config(
+        blob_folder,
+        tiny_base,
+        tmp_path / "out",
+        steps=2,
+        class_prompt="a photo of blob",
+        class_dir=str(class_dir),
+        num_class_images=3,
+        prior_weight=0.5,
+    )
     first = train(config)
     made = [e for e in read_events(first.run / "events.jsonl") if e["event"] == "class_images"][0]
     assert made["generated"] == 3 and len(list(class_dir.glob("*.png"))) == 3
@@ -103,7 +127,9 @@ def test_prior_preservation_generates_then_reuses_class_images(tiny_base, blob_f
     assert stamps == {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")}
 
 
-def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(tiny_base, blob_folder, tmp_path):
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
+    tiny_base, blob_folder, tmp_path
+):
     common = dict(steps=6, save_every=2, dropout=0.1, flip=True)
     straight = train(train_config(blob_folder, tiny_base, tmp_path / "a", **common))
 
@@ -122,16 +148,28 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(t
 
 
 def test_v_prediction_base_trains(tiny_vpred_base, blob_folder, tmp_path):
-    result = train(train_config(blob_folder, tiny_vpred_base, tmp_path / "out", steps=2, snr_gamma=5.0,
-                                noise_offset=0.05))
+    result = train(
+        train_config(
+            blob_folder, tiny_vpred_base, tmp_path / "out", steps=2, snr_gamma=5.0, noise_offset=0.05
+        )
+    )
     assert result.final_loss == pytest.approx(result.final_loss)  # finite
     assert summarize(result.adapter)["facts"]["family"] == "sd2"
 
 
 def test_events_and_samples(tiny_base, blob_folder, tmp_path):
     seen = []
-    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=2, sample_every=1,
-                                sample_prompt=["a sks blob", "a blob"]), on_event=seen.append)
+    result = train(
+        train_config(
+            blob_folder,
+            tiny_base,
+            tmp_path / "out",
+            steps=2,
+            sample_every=1,
+            sample_prompt=["a sks blob", "a blob"],
+        ),
+        on_event=seen.append,
+    )
     events = read_events(result.run / "events.jsonl")
     assert [e["event"] for e in events] == [e["event"] for e in seen]
     steps = [e for e in events if e["event"] == "step"]
@@ -148,19 +186,37 @@ def test_no_usable_image_fails_before_loading_any_model(tmp_path):
         train(train_config(tmp_path / "empty", "no/such-model", tmp_path / "out"))
 
 
-@pytest.mark.parametrize("change, option", [
-    ({"rank": 0}, "--rank"), ({"lr": -1.0}, "--lr"), ({"steps": 0}, "--steps"), ({"resolution": 30}, "--resolution"),
-    ({"prior_weight": 1.0}, "--prior-weight"),
-])
+@pytest.mark.parametrize(
+    "change, option",
+    [
+        ({"rank": 0}, "--rank"),
+        ({"lr": -1.0}, "--lr"),
+        ({"steps": 0}, "--steps"),
+        ({"resolution": 30}, "--resolution"),
+        ({"prior_weight": 1.0}, "--prior-weight"),
+    ],
+)
 def test_bad_options_are_named(blob_folder, tmp_path, change, option):
     with pytest.raises(ConfigError, match=option):
         train(train_config(blob_folder, "no/such-model", tmp_path / "out", **change))
 
 
 def test_memory_and_schedule_options_train(tiny_base, blob_folder, tmp_path):
-    result = train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=3, batch_size=2, grad_accum=2,
-                                gradient_checkpointing=True, lr_scheduler="cosine", warmup_steps=1,
-                                text_encoder=True, text_encoder_lr=1e-5))
+    result = train(
+        train_config(
+            blob_folder,
+            tiny_base,
+            tmp_path / "out",
+            steps=3,
+            batch_size=2,
+            grad_accum=2,
+            gradient_checkpointing=True,
+            lr_scheduler="cosine",
+            warmup_steps=1,
+            text_encoder=True,
+            text_encoder_lr=1e-5,
+        )
+    )
     events = read_events(result.run / "events.jsonl")
     lrs = [e["lr"] for e in events if e["event"] == "step"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warmed up, then decaying
@@ -182,12 +238,15 @@ def test_channels_last_trains_the_same_adapter(tiny_base, blob_folder, tmp_path)
     start = next(e for e in read_events(fast.run / "events.jsonl") if e["event"] == "start")
     assert start["channels_last"] is True
     assert start["attention"] == "AttnProcessor2_0"  # PyTorch's fused scaled_dot_product_attention
-    torch.testing.assert_close(adapter_learned(fast.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        adapter_learned(fast.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("compiler_is_right", [True, False])
-def test_compile_is_used_only_when_its_gradients_match_eager(tiny_base, blob_folder, tmp_path, monkeypatch,
-                                                             compiler_is_right):
+def test_compile_is_used_only_when_its_gradients_match_eager(
+    tiny_base, blob_folder, tmp_path, monkeypatch, compiler_is_right
+):
     """--compile checks the compiled U-Net's LoRA gradients against eager ones on the first batch and
     trains without it, saying so, when they differ (inductor has miscompiled LoRA gradients before)."""
 
@@ -195,7 +254,11 @@ def test_compile_is_used_only_when_its_gradients_match_eager(tiny_base, blob_fol
 
     def fake_compile(module, **options):  # dynamo's eager backend: traced, not code-generated, so quick
         compiled = real_compile(module, backend="eager", **options)
-        return compiled if compiler_is_right else lambda *a, **k: type("Out", (), {"sample": 0.5 * compiled(*a, **k).sample})
+        return (
+            compiled
+            if compiler_is_right
+            else lambda *a, **k: type("Out", (), {"sample": 0.5 * compiled(*a, **k).sample})
+        )
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     plain = train(train_config(blob_folder, tiny_base, tmp_path / "plain", steps=2))
@@ -212,7 +275,9 @@ def test_compile_is_used_only_when_its_gradients_match_eager(tiny_base, blob_fol
         assert start["compile_gradient_error"] > 0.1
         assert "training without it" in warned[0] and any("torch.compile" in str(w.message) for w in caught)
     assert step_losses(result) == pytest.approx(step_losses(plain), rel=1e-4)
-    torch.testing.assert_close(adapter_learned(result.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        adapter_learned(result.adapter), adapter_learned(plain.adapter), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_bf16_mixed_precision_learns_what_fp32_learns(tiny_base, blob_folder, tmp_path):

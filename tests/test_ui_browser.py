@@ -27,15 +27,26 @@ from sdlora.train import train
 from tests.conftest import draw_blob
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-gpu",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 if not CHROMIUM.is_file():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+)
 expect = sync_api.expect
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning"),  # stacking adapters
-    pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),  # pandas 3 in gradio's queue
+    pytest.mark.filterwarnings(
+        "ignore:'future.no_silent_downcasting' is deprecated"
+    ),  # pandas 3 in gradio's queue
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 
@@ -73,8 +84,19 @@ def server(tiny_base, tmp_path_factory) -> Iterator[Server]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     for name in ("style_outlined", "style_striped"):
-        train(TrainConfig(data_dir=str(DATA / name), base=base, name=name, steps=STYLE_STEPS, rank=4, lr=1e-3,
-                          outputs=str(outputs), sample_every=STYLE_STEPS, sample_prompt=[f"a red circle, {name[6:]} style"]))
+        train(
+            TrainConfig(
+                data_dir=str(DATA / name),
+                base=base,
+                name=name,
+                steps=STYLE_STEPS,
+                rank=4,
+                lr=1e-3,
+                outputs=str(outputs),
+                sample_every=STYLE_STEPS,
+                sample_prompt=[f"a red circle, {name[6:]} style"],
+            )
+        )
     started = time.perf_counter()
     port, queue = free_port(), JobQueue()
     app = launch(port=port, outputs_dir=outputs, base=base, queue=queue, block=False)
@@ -155,8 +177,12 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     page.locator("#instance-prompt textarea").fill("a purple sks shape")
     expect(page.locator("#prior input")).to_be_checked()
     page.locator("#class-prompt textarea").fill("a purple shape")
-    for elem_id, value in (("steps", TRAIN_STEPS), ("class-images", 2), ("sample-every", TRAIN_STEPS // 2),
-                           ("lr", 0.001)):
+    for elem_id, value in (
+        ("steps", TRAIN_STEPS),
+        ("class-images", 2),
+        ("sample-every", TRAIN_STEPS // 2),
+        ("lr", 0.001),
+    ):
         set_number(page, elem_id, value)
     page.locator("#start").click()
     expect(page.locator("#start-message")).to_contain_text("submitted")
@@ -201,12 +227,17 @@ def test_jobs_wait_in_the_queue_and_cancel_stops_them(page, server):
     page.locator("#start").click()
     expect(message).to_contain_text("submitted: training sks_star_3")  # a name no other job will write
     expect(status).to_contain_text(re.compile(r"Queued after it: job \d+ \(sks_star_3\)"))
-    expect(page.locator("#job-progress")).to_contain_text(re.compile(r"[1-9]\d*/100000 steps"),
-                                                          timeout=TRAIN_TIMEOUT_MS)
+    expect(page.locator("#job-progress")).to_contain_text(
+        re.compile(r"[1-9]\d*/100000 steps"), timeout=TRAIN_TIMEOUT_MS
+    )
     page.locator("#cancel").click()
-    expect(status).to_contain_text(re.compile(r"Job \d+ · sks_star_3 ·"), timeout=TRAIN_TIMEOUT_MS)  # the next
+    expect(status).to_contain_text(
+        re.compile(r"Job \d+ · sks_star_3 ·"), timeout=TRAIN_TIMEOUT_MS
+    )  # the next
     page.locator("#cancel").click()
-    expect(status).to_contain_text(re.compile(r"sks_star_3 · cancelled after \d+ steps"), timeout=TRAIN_TIMEOUT_MS)
+    expect(status).to_contain_text(
+        re.compile(r"sks_star_3 · cancelled after \d+ steps"), timeout=TRAIN_TIMEOUT_MS
+    )
     assert not list((server.outputs / "adapters").glob("sks_star_[23].safetensors"))
 
 
@@ -225,9 +256,12 @@ def test_stack_two_adapters_and_compare_side_by_side(page, server):
     for label in ("base", "style_outlined 0.8", "style_striped 1.5", "mix"):
         expect(gallery).to_contain_text(label)
     expect(page.locator("#parameters textarea")).to_have_value(
-        re.compile(r"\[mix\].*Lora: style_outlined:0\.8, style_striped:1\.5", re.S))
+        re.compile(r"\[mix\].*Lora: style_outlined:0\.8, style_striped:1\.5", re.S)
+    )
     mix = page.request.get(gallery.locator("img").nth(3).get_attribute("src")).body()
-    assert mix.startswith(b"\x89PNG") and b"Lora: style_outlined:0.8, style_striped:1.5" in mix  # parameters kept
+    assert (
+        mix.startswith(b"\x89PNG") and b"Lora: style_outlined:0.8, style_striped:1.5" in mix
+    )  # parameters kept
     shot(page, "generate")
 
     page.locator("#sweep").click()

@@ -63,20 +63,29 @@ def png_bytes(tmp_path: Path) -> bytes:
 
 @pytest.mark.parametrize("prefix", ["", "my set/"])
 def test_a_zip_is_unpacked_flat_or_from_its_one_folder(prefix, tmp_path):
-    archive = make_zip(tmp_path / "stars.zip", {
-        f"{prefix}x_01.png": png_bytes(tmp_path), f"{prefix}x_01.txt": b"a star",
-        "__MACOSX/._x_01.png": b"junk", f"{prefix}.DS_Store": b"junk"})
+    archive = make_zip(
+        tmp_path / "stars.zip",
+        {
+            f"{prefix}x_01.png": png_bytes(tmp_path),
+            f"{prefix}x_01.txt": b"a star",
+            "__MACOSX/._x_01.png": b"junk",
+            f"{prefix}.DS_Store": b"junk",
+        },
+    )
     staged = stage_upload([archive], tmp_path / "uploads")
     assert (staged.name, staged.images, staged.skipped) == ("stars", 1, [])
     assert caption_rows(staged.folder) == [["x_01.png", "a star"]]
 
 
-@pytest.mark.parametrize(("members", "message"), [
-    ({"set/sub/a.png": b"x", "set/b.png": b"x"}, "folders inside"),
-    ({"a/x.png": b"x", "b/y.png": b"x"}, "folders inside"),
-    ({"../evil.png": b"x"}, "unsafe path"),
-    ({"/etc/evil.png": b"x"}, "unsafe path"),
-])
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"set/sub/a.png": b"x", "set/b.png": b"x"}, "folders inside"),
+        ({"a/x.png": b"x", "b/y.png": b"x"}, "folders inside"),
+        ({"../evil.png": b"x"}, "unsafe path"),
+        ({"/etc/evil.png": b"x"}, "unsafe path"),
+    ],
+)
 def test_zips_with_nested_folders_or_unsafe_paths_are_refused(members, message, tmp_path):
     with pytest.raises(UploadError, match=message):
         stage_upload([make_zip(tmp_path / "bad.zip", members)], tmp_path / "uploads")
@@ -92,10 +101,15 @@ def test_a_damaged_zip_or_a_zip_with_other_files_is_refused(tmp_path):
         stage_upload([damaged, tmp_path / "a.png"], tmp_path / "uploads")
 
 
-@pytest.mark.parametrize(("stems", "name"), [
-    (["sks_star_00", "sks_star_01", "sks_star_12"], "sks_star"), (["dog 3"], "dog"), (["a", "b"], "adapter"),
-    ([], "adapter"),
-])
+@pytest.mark.parametrize(
+    ("stems", "name"),
+    [
+        (["sks_star_00", "sks_star_01", "sks_star_12"], "sks_star"),
+        (["dog 3"], "dog"),
+        (["a", "b"], "adapter"),
+        ([], "adapter"),
+    ],
+)
 def test_the_adapter_name_comes_from_the_image_names(stems, name):
     assert suggest_name(stems) == name
 
@@ -108,7 +122,10 @@ def test_edited_captions_are_written_back_and_only_for_the_folders_images(blob_f
     assert not (blob_folder / "a.txt").exists()
     assert (blob_folder / "b.txt").read_text() == "a new caption"
     assert not (tmp_path / "evil.txt").exists() and not (blob_folder.parent.parent / "evil.txt").exists()
-    assert thumbnails(blob_folder)[0] == (str(blob_folder / "a.png"), "(no caption: the instance prompt is used)")
+    assert thumbnails(blob_folder)[0] == (
+        str(blob_folder / "a.png"),
+        "(no caption: the instance prompt is used)",
+    )
 
 
 # --- the adapter library --------------------------------------------------------------------------------
@@ -122,13 +139,24 @@ def fake_adapter(path: Path, facts: AdapterFacts | None = None, **metadata: str)
     return path
 
 
-FACTS = AdapterFacts(name="star", base_model="/models/demo", family="sd1", rank=4, alpha=2.0, targets="all",
-                     trigger_words="sks", steps=30, created="2026-01-02T03:04:05+00:00")
+FACTS = AdapterFacts(
+    name="star",
+    base_model="/models/demo",
+    family="sd1",
+    rank=4,
+    alpha=2.0,
+    targets="all",
+    trigger_words="sks",
+    steps=30,
+    created="2026-01-02T03:04:05+00:00",
+)
 
 
 def test_the_library_lists_facts_and_finds_the_runs_sample(tmp_path):
     adapter = fake_adapter(tmp_path / "adapters" / "star.safetensors", FACTS)
-    fake_adapter(tmp_path / "adapters" / "other.safetensors", **{"ss_network_dim": "16", "ss_network_alpha": "8"})
+    fake_adapter(
+        tmp_path / "adapters" / "other.safetensors", **{"ss_network_dim": "16", "ss_network_alpha": "8"}
+    )
     run = tmp_path / "runs" / "star-20260102-030405"
     (run / "samples").mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"adapter": str(adapter)}))
@@ -153,7 +181,10 @@ def test_import_takes_only_readable_safetensors_under_a_free_name(tmp_path):
     upload = fake_adapter(tmp_path / "up" / "my style!.safetensors", FACTS)
     first, second = library.import_adapter(upload, outputs), library.import_adapter(upload, outputs)
     assert (first.name, second.name) == ("my_style.safetensors", "my_style_2.safetensors")
-    assert first.read_bytes() == upload.read_bytes() and library.adapter_names(outputs) == ["my_style", "my_style_2"]
+    assert first.read_bytes() == upload.read_bytes() and library.adapter_names(outputs) == [
+        "my_style",
+        "my_style_2",
+    ]
 
 
 def test_rename_moves_the_preview_and_refuses_taken_names(tmp_path):
@@ -188,9 +219,22 @@ def test_unique_names_avoid_files_and_pending_jobs(tmp_path):
 
 
 def form(data_dir: Path, **changes) -> TrainForm:
-    values = dict(folder=str(data_dir), name="stars", prompt="a sks blob", class_prompt="a blob", prior=True,
-                  num_class_images=4, rank=4, alpha=0, steps=10, lr=1e-3, resolution=0, text_encoder=False,
-                  seed=3, sample_every=5)
+    values = dict(
+        folder=str(data_dir),
+        name="stars",
+        prompt="a sks blob",
+        class_prompt="a blob",
+        prior=True,
+        num_class_images=4,
+        rank=4,
+        alpha=0,
+        steps=10,
+        lr=1e-3,
+        resolution=0,
+        text_encoder=False,
+        seed=3,
+        sample_every=5,
+    )
     values.update(changes)
     return TrainForm(**values)
 
@@ -204,17 +248,25 @@ def test_presets_fill_every_setting_and_shrink_for_the_demo_model():
 
 def test_the_form_becomes_a_train_config(blob_folder, tmp_path):
     config = make_config(form(blob_folder), "/models/x", tmp_path, taken={"stars"})
-    assert (config.name, config.class_prompt, config.alpha, config.resolution) == ("stars_2", "a blob", None, None)
+    assert (config.name, config.class_prompt, config.alpha, config.resolution) == (
+        "stars_2",
+        "a blob",
+        None,
+        None,
+    )
     assert (config.sample_every, config.sample_prompt, config.outputs) == (5, ["a sks blob"], str(tmp_path))
     assert make_config(form(blob_folder, prior=False), None, tmp_path).class_prompt is None
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    (dict(folder=None), "No training images yet"),
-    (dict(prompt=""), "have no caption"),
-    (dict(class_prompt=" "), "needs a class prompt"),
-    (dict(rank=0), "--rank"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(folder=None), "No training images yet"),
+        (dict(prompt=""), "have no caption"),
+        (dict(class_prompt=" "), "needs a class prompt"),
+        (dict(rank=0), "--rank"),
+    ],
+)
 def test_form_mistakes_are_named(changes, message, blob_folder, tmp_path):
     with pytest.raises(ConfigError, match=message):
         make_config(form(blob_folder, **changes), None, tmp_path)
@@ -227,10 +279,13 @@ def job_with(events: list[dict], status: JobStatus, blob_folder: Path, job_id: i
 
 
 def test_the_job_view_shows_steps_loss_samples_and_the_queue(blob_folder):
-    steps = [("step", dict(step=s, total=4, loss=1.0 / s, lr=1e-3, elapsed_s=s * 2.0, eta_s=(4 - s) * 40.0))
-             for s in (1, 2)]
-    running = job_with([("start", {}), *steps, ("sample", dict(step=2, paths=["/s/2.png"]))],
-                       JobStatus.RUNNING, blob_folder)
+    steps = [
+        ("step", dict(step=s, total=4, loss=1.0 / s, lr=1e-3, elapsed_s=s * 2.0, eta_s=(4 - s) * 40.0))
+        for s in (1, 2)
+    ]
+    running = job_with(
+        [("start", {}), *steps, ("sample", dict(step=2, paths=["/s/2.png"]))], JobStatus.RUNNING, blob_folder
+    )
     queued = job_with([], JobStatus.QUEUED, blob_folder, job_id=2)
     view = job_view(running, [running, queued])
     assert "step 2/4 · loss 0.5000" in view.status and "1 min 20 s left" in view.status
@@ -260,7 +315,10 @@ def test_form_values_for_generation():
     assert parse_weights("0, .5;1") == [0.0, 0.5, 1.0]
     with pytest.raises(ConfigError, match="numbers"):
         parse_weights("0, heavy")
-    assert chosen_adapters(["a", True, 0.5, "b", False, 1, None, True, 1, "d", True, -1]) == [("a", 0.5), ("d", -1.0)]
+    assert chosen_adapters(["a", True, 0.5, "b", False, 1, None, True, 1, "d", True, -1]) == [
+        ("a", 0.5),
+        ("d", -1.0),
+    ]
     params = make_params(" a star ", "", 3.0, 4.0, 2, "64x32", "ddim")
     assert (params.prompt, params.seed, params.width, params.height) == ("a star", 3, 64, 32)
     assert make_params("x", "", 0, 1, 1, "native", "dpm++").width is None
@@ -270,7 +328,9 @@ def test_form_values_for_generation():
         make_params(" ", "", 0, 1, 1, "native", "dpm++")
 
 
-def test_the_studio_saves_pngs_and_reloads_an_adapter_retrained_under_its_name(tiny_base, blob_folder, tmp_path):
+def test_the_studio_saves_pngs_and_reloads_an_adapter_retrained_under_its_name(
+    tiny_base, blob_folder, tmp_path
+):
     first = train(train_config(blob_folder, tiny_base, tmp_path, steps=1, name="blob"))
     studio = Studio(tmp_path)
     params = make_params("a sks blob", "", 1, 2, 3.0, "native", "ddim")
@@ -279,7 +339,9 @@ def test_the_studio_saves_pngs_and_reloads_an_adapter_retrained_under_its_name(t
     assert all(Path(path).parent == tmp_path / "images" for path, _ in result.images)
     assert "[blob 0.7]" in result.parameters and "Lora: blob:0.7" in result.parameters
     before = studio.generate(tiny_base, params, [("blob", 1.0)])
-    train(train_config(blob_folder, tiny_base, tmp_path, steps=1, lr=0.5, name="blob", out=str(first.adapter)))
+    train(
+        train_config(blob_folder, tiny_base, tmp_path, steps=1, lr=0.5, name="blob", out=str(first.adapter))
+    )
     after = studio.generate(tiny_base, params, [("blob", 1.0)])
     assert Path(before.images[0][0]).read_bytes() != Path(after.images[0][0]).read_bytes()
     with pytest.raises(AdapterError, match="No adapter called 'gone'"):

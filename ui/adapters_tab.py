@@ -19,8 +19,14 @@ from ui.library import (
 
 def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
     """Lay out the tab inside the current Blocks; the table refreshes whenever the tab is opened."""
-    table = gr.Dataframe(headers=COLUMNS, type="array", interactive=False, label="Adapters in outputs/adapters",
-                         max_height=300, elem_id="library")
+    table = gr.Dataframe(
+        headers=COLUMNS,
+        type="array",
+        interactive=False,
+        label="Adapters in outputs/adapters",
+        max_height=300,
+        elem_id="library",
+    )
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             picker = gr.Dropdown([], value=None, label="Adapter", elem_id="library-pick")
@@ -35,10 +41,16 @@ def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
                 confirm = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete")
                 keep = gr.Button("Keep it", elem_id="keep")
         with gr.Column(scale=1):
-            sample = gr.Image(label="Sample from training", interactive=False, elem_classes=["pixelated"],
-                              height=220, elem_id="library-sample")
-    importer = gr.File(file_count="single", label="Import an adapter (.safetensors)", height=110,
-                       elem_id="import")
+            sample = gr.Image(
+                label="Sample from training",
+                interactive=False,
+                elem_classes=["pixelated"],
+                height=220,
+                elem_id="library-sample",
+            )
+    importer = gr.File(
+        file_count="single", label="Import an adapter (.safetensors)", height=110, elem_id="import"
+    )
     message = gr.Markdown(elem_id="library-message")
 
     def refreshed(selected: str | None) -> tuple:
@@ -57,9 +69,15 @@ def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
         if info is None:
             return "No adapter selected.", gr.DownloadButton(value=None, interactive=False), None, ""
         lines = [f"**{info.name}** · {info.path.stat().st_size / 1024:.0f} KiB · `{info.path}`"]
-        lines += [f"- {label}: {value}" for label, value in zip(COLUMNS[1:], info.row()[1:], strict=True) if value]
-        return ("\n".join(lines), gr.DownloadButton(value=str(info.path), interactive=True),
-                str(info.sample) if info.sample else None, info.name)
+        lines += [
+            f"- {label}: {value}" for label, value in zip(COLUMNS[1:], info.row()[1:], strict=True) if value
+        ]
+        return (
+            "\n".join(lines),
+            gr.DownloadButton(value=str(info.path), interactive=True),
+            str(info.sample) if info.sample else None,
+            info.name,
+        )
 
     picker.change(shown, picker, [details, download, sample, new_name])
 
@@ -74,8 +92,11 @@ def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
             fit = ctx.studio.fit(path)
         except USER_ERRORS as error:  # kept: it may suit another base, but say so now, not at generation
             return problem(f"Imported `{path.name}`, but {error}"), None, *refreshed(path.stem)
-        return (f"Imported `{path.name}`; it is now offered in the Generate tab. {fit}", None,
-                *refreshed(path.stem))
+        return (
+            f"Imported `{path.name}`; it is now offered in the Generate tab. {fit}",
+            None,
+            *refreshed(path.stem),
+        )
 
     importer.upload(imported, importer, [message, importer, table, picker])
 

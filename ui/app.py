@@ -30,7 +30,9 @@ CSS = """
 """
 
 
-def build_app(outputs_dir: str | Path = "outputs", base: str | None = None, queue: JobQueue | None = None) -> gr.Blocks:
+def build_app(
+    outputs_dir: str | Path = "outputs", base: str | None = None, queue: JobQueue | None = None
+) -> gr.Blocks:
     """The app's page; `base` is the base model the page starts with (None: the bundled demo model) and
     `queue` the training queue (a new one by default; pass one to share it with other code)."""
     outputs = Path(outputs_dir)
@@ -38,9 +40,14 @@ def build_app(outputs_dir: str | Path = "outputs", base: str | None = None, queu
     with gr.Blocks(title="sdlora", analytics_enabled=False) as app:
         gr.Markdown("# sdlora: train and use Stable Diffusion LoRA adapters")
         with gr.Row(equal_height=True):
-            base_box = gr.Textbox(base or DEMO_KEYWORD, label="Base model", scale=5, elem_id="base-model",
-                                  info="A hub id, a local diffusers folder or a single .safetensors checkpoint; "
-                                       "'demo' (or empty) for the bundled demo model.")
+            base_box = gr.Textbox(
+                base or DEMO_KEYWORD,
+                label="Base model",
+                scale=5,
+                elem_id="base-model",
+                info="A hub id, a local diffusers folder or a single .safetensors checkpoint; "
+                "'demo' (or empty) for the bundled demo model.",
+            )
             load = gr.Button("Load", scale=1, elem_id="load-base")
         notice = gr.Markdown(base_notice(base), elem_id="base-notice")
         with gr.Tabs():
@@ -64,16 +71,33 @@ def build_app(outputs_dir: str | Path = "outputs", base: str | None = None, queu
     return app
 
 
-def launch(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, listen: bool = False,
-           auth: tuple[str, str] | None = None, outputs_dir: str | Path = "outputs", base: str | None = None, *,
-           queue: JobQueue | None = None, block: bool = True) -> gr.Blocks:
+def launch(
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    listen: bool = False,
+    auth: tuple[str, str] | None = None,
+    outputs_dir: str | Path = "outputs",
+    base: str | None = None,
+    *,
+    queue: JobQueue | None = None,
+    block: bool = True,
+) -> gr.Blocks:
     """Serve the app on `host:port` (all interfaces with `listen`); `block=False` returns at once with the
     server running in a background thread (tests use this)."""
     outputs = Path(outputs_dir).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
     app = build_app(outputs, base, queue)
     app.queue(default_concurrency_limit=1)
-    app.launch(server_name="0.0.0.0" if listen else host, server_port=port, auth=auth,
-               allowed_paths=[str(outputs)], prevent_thread_lock=not block, show_error=True, ssr_mode=False,
-               css=CSS, quiet=not block, max_file_size=MAX_UPLOAD)
+    app.launch(
+        server_name="0.0.0.0" if listen else host,
+        server_port=port,
+        auth=auth,
+        allowed_paths=[str(outputs)],
+        prevent_thread_lock=not block,
+        show_error=True,
+        ssr_mode=False,
+        css=CSS,
+        quiet=not block,
+        max_file_size=MAX_UPLOAD,
+    )
     return app

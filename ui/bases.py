@@ -25,12 +25,18 @@ def is_demo(text: str | None) -> bool:
 
 def base_notice(text: str | None) -> str:
     """The page's plain statement of which base model is in use, and how to use a real one."""
-    how = ("To use a real model, enter a Hugging Face hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), "
-           "a local diffusers folder or a single `.safetensors` checkpoint above and press **Load**.")
+    how = (
+        "To use a real model, enter a Hugging Face hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), "
+        "a local diffusers folder or a single `.safetensors` checkpoint above and press **Load**."
+    )
     if not is_demo(text):
         return f"Base model: `{base_spec(text)}`. Leave the field empty (or type `demo`) for the bundled demo model."
     if not demo_model_available():
-        return (f"**The bundled demo model is missing** from `{DEMO_MODEL_DIR}`: build it with "
-                f"`sdlora demo-model build`. {how}")
-    return ("**Using the bundled demo model**: a tiny model that only draws simple coloured shapes at 32×32 px, "
-            f"so training and generating run in seconds on a CPU. {how}")
+        return (
+            f"**The bundled demo model is missing** from `{DEMO_MODEL_DIR}`: build it with "
+            f"`sdlora demo-model build`. {how}"
+        )
+    return (
+        "**Using the bundled demo model**: a tiny model that only draws simple coloured shapes at 32×32 px, "
+        f"so training and generating run in seconds on a CPU. {how}"
+    )

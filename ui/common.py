@@ -8,16 +8,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from sdlora.adapters import AdapterError
-from sdlora.config import ConfigError
-from sdlora.data import DataError, ImageError
+from sdlora.errors import SdloraError
 from sdlora.jobs import JobQueue
-from sdlora.models import BaseModelError
 from ui.studio import Studio
-from ui.uploads import UploadError
 
 # Errors whose message tells the user what to change; anything else is a bug and Gradio shows it as one.
-USER_ERRORS = (ConfigError, DataError, ImageError, BaseModelError, AdapterError, UploadError)
+USER_ERRORS = (SdloraError,)
 
 
 @dataclass

@@ -134,8 +134,10 @@ def import_adapter(upload: str | Path, outputs: str | Path) -> Path:
     upload = Path(upload)
     shown = upload.name
     if upload.suffix.lower() != SUFFIX:
-        raise AdapterError(f"{shown}: only .safetensors adapter files can be imported "
-                           "(.ckpt, .pt and .bin files are pickles, which can run code when loaded).")
+        raise AdapterError(
+            f"{shown}: only .safetensors adapter files can be imported "
+            "(.ckpt, .pt and .bin files are pickles, which can run code when loaded)."
+        )
     read_metadata(upload)  # a clear error for a renamed or damaged file
     name = unique_name(outputs, Path(shown).stem)
     target = adapters_dir(outputs) / (name + SUFFIX)

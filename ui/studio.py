@@ -24,20 +24,29 @@ def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
     """(name, weight) of each adapter row that is switched on and has an adapter picked.
 
     `rows` is the page's flat list of row values: name, on, weight for each row in turn."""
-    triples = [rows[index:index + 3] for index in range(0, len(rows), 3)]
+    triples = [rows[index : index + 3] for index in range(0, len(rows), 3)]
     return [(name, float(weight)) for name, on, weight in triples if on and name]
 
 
-def make_params(prompt: str, negative: str, seed: float, steps: float, guidance: float, size: str,
-                scheduler: str) -> GenerationParams:
+def make_params(
+    prompt: str, negative: str, seed: float, steps: float, guidance: float, size: str, scheduler: str
+) -> GenerationParams:
     """GenerationParams from the form; 'native' (or empty) size means the base model's own size."""
     if not (prompt or "").strip():
         raise ConfigError("Write a prompt: say what to draw.")
     width = height = None
     if size and size.strip().lower() != "native":
         width, height = parse_size(size.strip())
-    return GenerationParams(prompt.strip(), (negative or "").strip(), int(seed), int(steps), float(guidance),
-                            width, height, scheduler)
+    return GenerationParams(
+        prompt.strip(),
+        (negative or "").strip(),
+        int(seed),
+        int(steps),
+        float(guidance),
+        width,
+        height,
+        scheduler,
+    )
 
 
 @dataclass
@@ -72,7 +81,10 @@ class Studio:
     def _weights(self, generator: Generator, adapters: Sequence[tuple[str, float]]) -> dict[str, float]:
         """Pipe names and weights for (library name, weight) pairs; the Generator reloads a file that was
         replaced since it was loaded (retrained under the same name)."""
-        return {generator.load_adapter(adapter_path(self.outputs, name)): float(weight) for name, weight in adapters}
+        return {
+            generator.load_adapter(adapter_path(self.outputs, name)): float(weight)
+            for name, weight in adapters
+        }
 
     def fit(self, path: Path) -> str:
         """Whether an adapter file fits the base in use (the demo model if none was loaded yet)."""
@@ -80,20 +92,29 @@ class Studio:
             report = self._base(self._spec).check_fit(read_lora(path), path.name)
         return f"It fits the base in use ({sum(report.mapped.values())} modules, {report.lora_family})."
 
-    def generate(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:
+    def generate(
+        self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]
+    ) -> Result:
         with self._lock:
             generator = self._base(text)
             image = generator.generate(params, self._weights(generator, adapters))
             return self._save([("image", image)])
 
-    def compare(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]) -> Result:
+    def compare(
+        self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]]
+    ) -> Result:
         """Base alone, each adapter alone at its weight, then the mix, all with one seed."""
         with self._lock:
             generator = self._base(text)
             return self._save(generator.compare(params, self._weights(generator, adapters)))
 
-    def sweep(self, text: str | None, params: GenerationParams, adapters: Sequence[tuple[str, float]],
-              weights: Sequence[float]) -> Result:
+    def sweep(
+        self,
+        text: str | None,
+        params: GenerationParams,
+        adapters: Sequence[tuple[str, float]],
+        weights: Sequence[float],
+    ) -> Result:
         """The first adapter at each weight, the others held at theirs."""
         if not adapters:
             raise ConfigError("A sweep needs an adapter: switch one on.")
@@ -106,7 +127,9 @@ class Studio:
     def _save(self, labeled: list[tuple[str, object]]) -> Result:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
         folder = self.outputs / "images"
-        images = [(str(save_png(image, folder / f"{stamp}-{index}.png")), label)
-                  for index, (label, image) in enumerate(labeled)]
+        images = [
+            (str(save_png(image, folder / f"{stamp}-{index}.png")), label)
+            for index, (label, image) in enumerate(labeled)
+        ]
         parameters = labeled_parameters(labeled)
         return Result(images, parameters if len(labeled) > 1 else labeled[0][1].info.get("parameters", ""))

@@ -26,56 +26,109 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
     folder = gr.State(None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
-            gr.Markdown("### 1. Training images\nDrop a folder of images (same-name `.txt` files are their "
-                        "captions), or a `.zip` of them. Captions can be edited below before training.")
+            gr.Markdown(
+                "### 1. Training images\nDrop a folder of images (same-name `.txt` files are their "
+                "captions), or a `.zip` of them. Captions can be edited below before training."
+            )
             with gr.Row():
-                folder_in = gr.File(file_count="directory", label="Image folder", height=120,
-                                    elem_id="upload-folder")
+                folder_in = gr.File(
+                    file_count="directory", label="Image folder", height=120, elem_id="upload-folder"
+                )
                 zip_in = gr.File(file_count="single", label="…or a .zip", height=120, elem_id="upload-zip")
             upload_msg = gr.Markdown(elem_id="upload-message")
-            gallery = gr.Gallery(label="Images and captions", columns=4, height=240, object_fit="contain",
-                                 elem_classes=["pixelated"], elem_id="thumbnails")
-            captions = gr.Dataframe(headers=["image", "caption"], datatype=["str", "str"], type="array",
-                                    interactive=True, static_columns=[0], label="Captions (editable)",
-                                    column_widths=["30%", "70%"], max_height=260, elem_id="captions")
+            gallery = gr.Gallery(
+                label="Images and captions",
+                columns=4,
+                height=240,
+                object_fit="contain",
+                elem_classes=["pixelated"],
+                elem_id="thumbnails",
+            )
+            captions = gr.Dataframe(
+                headers=["image", "caption"],
+                datatype=["str", "str"],
+                type="array",
+                interactive=True,
+                static_columns=[0],
+                label="Captions (editable)",
+                column_widths=["30%", "70%"],
+                max_height=260,
+                elem_id="captions",
+            )
         with gr.Column(scale=1):
             gr.Markdown("### 2. Settings")
-            preset_in = gr.Radio(list(PRESETS), value=first_preset, label="Preset", info="Fills the settings below.")
+            preset_in = gr.Radio(
+                list(PRESETS), value=first_preset, label="Preset", info="Fills the settings below."
+            )
             fields = {
                 "folder": folder,
-                "name": gr.Textbox(label="Adapter name", info="Saved as outputs/adapters/NAME.safetensors; "
-                                   "a taken name gets a _2 suffix.", elem_id="adapter-name"),
-                "prompt": gr.Textbox(label="Instance prompt (with the trigger word)",
-                                     info=option_help(TrainConfig, "prompt"), elem_id="instance-prompt"),
+                "name": gr.Textbox(
+                    label="Adapter name",
+                    info="Saved as outputs/adapters/NAME.safetensors; a taken name gets a _2 suffix.",
+                    elem_id="adapter-name",
+                ),
+                "prompt": gr.Textbox(
+                    label="Instance prompt (with the trigger word)",
+                    info=option_help(TrainConfig, "prompt"),
+                    elem_id="instance-prompt",
+                ),
             }
             with gr.Row():
-                fields["prior"] = gr.Checkbox(value=preset["prior"], label="Prior preservation", elem_id="prior",
-                                              info="Keeps the class looking normal (DreamBooth).")
-                fields["num_class_images"] = gr.Number(preset["num_class_images"], label="Class images",
-                                                       precision=0, minimum=1, elem_id="class-images",
-                                                       info=option_help(TrainConfig, "num_class_images"))
-            fields["class_prompt"] = gr.Textbox(label="Class prompt", info=option_help(TrainConfig, "class_prompt"),
-                                                elem_id="class-prompt")
+                fields["prior"] = gr.Checkbox(
+                    value=preset["prior"],
+                    label="Prior preservation",
+                    elem_id="prior",
+                    info="Keeps the class looking normal (DreamBooth).",
+                )
+                fields["num_class_images"] = gr.Number(
+                    preset["num_class_images"],
+                    label="Class images",
+                    precision=0,
+                    minimum=1,
+                    elem_id="class-images",
+                    info=option_help(TrainConfig, "num_class_images"),
+                )
+            fields["class_prompt"] = gr.Textbox(
+                label="Class prompt", info=option_help(TrainConfig, "class_prompt"), elem_id="class-prompt"
+            )
             with gr.Row():
                 fields["rank"] = gr.Number(preset["rank"], label="Rank", precision=0, minimum=1)
-                fields["alpha"] = gr.Number(preset["alpha"], label="Alpha", minimum=0,
-                                            info="0: equal to the rank.")
-                fields["steps"] = gr.Number(preset["steps"], label="Steps", precision=0, minimum=1,
-                                            elem_id="steps")
+                fields["alpha"] = gr.Number(
+                    preset["alpha"], label="Alpha", minimum=0, info="0: equal to the rank."
+                )
+                fields["steps"] = gr.Number(
+                    preset["steps"], label="Steps", precision=0, minimum=1, elem_id="steps"
+                )
             with gr.Row():
                 fields["lr"] = gr.Number(preset["lr"], label="Learning rate", minimum=0, elem_id="lr")
-                fields["resolution"] = gr.Number(0, label="Resolution", precision=0, minimum=0,
-                                                 info="0: the base model's native size.")
+                fields["resolution"] = gr.Number(
+                    0, label="Resolution", precision=0, minimum=0, info="0: the base model's native size."
+                )
                 fields["seed"] = gr.Number(option_default(TrainConfig, "seed"), label="Seed", precision=0)
             with gr.Row():
-                fields["text_encoder"] = gr.Checkbox(preset["text_encoder"], label="Text-encoder LoRA",
-                                                     info=option_help(TrainConfig, "text_encoder"))
-                fields["sample_every"] = gr.Number(preset["sample_every"], label="Sample every N steps",
-                                                   precision=0, minimum=0, info="0: no samples.",
-                                                   elem_id="sample-every")
-            gpus = gr.Number(max(GPUS, 1), minimum=1, maximum=max(GPUS, 1), precision=0, visible=GPUS > 1, elem_id="gpus",
-                             label=f"GPUs to use ({GPUS} visible)", info="More than one trains data-parallel "
-                             "through accelerate/torchrun; the batch is per GPU.")
+                fields["text_encoder"] = gr.Checkbox(
+                    preset["text_encoder"],
+                    label="Text-encoder LoRA",
+                    info=option_help(TrainConfig, "text_encoder"),
+                )
+                fields["sample_every"] = gr.Number(
+                    preset["sample_every"],
+                    label="Sample every N steps",
+                    precision=0,
+                    minimum=0,
+                    info="0: no samples.",
+                    elem_id="sample-every",
+                )
+            gpus = gr.Number(
+                max(GPUS, 1),
+                minimum=1,
+                maximum=max(GPUS, 1),
+                precision=0,
+                visible=GPUS > 1,
+                elem_id="gpus",
+                label=f"GPUs to use ({GPUS} visible)",
+                info="More than one trains data-parallel through accelerate/torchrun; the batch is per GPU.",
+            )
             with gr.Row():
                 start = gr.Button("Start training", variant="primary", elem_id="start")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -86,8 +139,14 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
     progress = gr.HTML(elem_id="job-progress")
     with gr.Row():
         loss = gr.LinePlot(x="step", y="loss", title="Loss", height=260, label="Loss", elem_id="loss-plot")
-        samples = gr.Gallery(label="Samples (newest first)", columns=4, height=260, object_fit="contain",
-                             elem_classes=["pixelated"], elem_id="samples")
+        samples = gr.Gallery(
+            label="Samples (newest first)",
+            columns=4,
+            height=260,
+            object_fit="contain",
+            elem_classes=["pixelated"],
+            elem_id="samples",
+        )
     timer = gr.Timer(POLL_SECONDS, active=False)
     seen = gr.State("")  # what the page shows, so an unchanged job sends nothing
     shown = gr.State(None)  # the id of the job the page shows
@@ -99,8 +158,16 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
             return None, problem(error), [], [], gr.skip()
         message = f"{upload.images} image(s) ready in `{upload.folder}`."
         if upload.skipped:
-            message = problem(f"Left out {len(upload.skipped)} file(s): {'; '.join(upload.skipped)}. {message}")
-        return str(upload.folder), message, thumbnails(upload.folder), caption_rows(upload.folder), upload.name
+            message = problem(
+                f"Left out {len(upload.skipped)} file(s): {'; '.join(upload.skipped)}. {message}"
+            )
+        return (
+            str(upload.folder),
+            message,
+            thumbnails(upload.folder),
+            caption_rows(upload.folder),
+            upload.name,
+        )
 
     for source in (folder_in, zip_in):
         source.upload(staged, source, [folder, upload_msg, gallery, captions, fields["name"]])
@@ -130,7 +197,9 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
             return problem(error), gr.skip()
         return f"Job {job.id} submitted: training `{config.name}`.", gr.Timer(active=True)
 
-    start.click(started, [base_box, captions, gpus, *(fields[key] for key in FORM_FIELDS)], [start_msg, timer])
+    start.click(
+        started, [base_box, captions, gpus, *(fields[key] for key in FORM_FIELDS)], [start_msg, timer]
+    )
 
     def cancelled(job_id: int | None) -> str:
         """Cancel the job the page shows (not whichever runs by the time the click arrives)."""
@@ -148,7 +217,9 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
             job = ctx.queue.resume(job_id)
         except USER_ERRORS as error:
             return problem(error), gr.skip()
-        return f"Job {job.id} submitted: resuming `{job.config.name}` from its checkpoint.", gr.Timer(active=True)
+        return f"Job {job.id} submitted: resuming `{job.config.name}` from its checkpoint.", gr.Timer(
+            active=True
+        )
 
     resume.click(resumed, shown, [start_msg, timer])
 
@@ -158,8 +229,15 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
         if key == last:
             return (gr.skip(),) * 7
         view = job_view(job, ctx.queue.jobs())
-        return (view.status, view.progress, view.loss, view.samples, gr.Timer(active=view.active), key,
-                job.id if job else None)
+        return (
+            view.status,
+            view.progress,
+            view.loss,
+            view.samples,
+            gr.Timer(active=view.active),
+            key,
+            job.id if job else None,
+        )
 
     poll_outputs = [status, progress, loss, samples, timer, seen, shown]
     timer.tick(polled, seen, poll_outputs, show_progress="hidden")

@@ -44,12 +44,36 @@ FORM_FIELDS = tuple(f.name for f in dataclasses.fields(TrainForm))
 
 # Settings a preset fills in; prompts and names stay the user's own.
 PRESETS: dict[str, dict[str, object]] = {
-    "Subject": dict(prior=True, num_class_images=50, rank=8, alpha=8, steps=400, lr=1e-4, text_encoder=False,
-                    sample_every=100),
-    "Style": dict(prior=False, num_class_images=50, rank=16, alpha=16, steps=1000, lr=1e-4, text_encoder=False,
-                  sample_every=200),
-    "Quick test": dict(prior=False, num_class_images=4, rank=4, alpha=4, steps=20, lr=1e-3, text_encoder=False,
-                       sample_every=10),
+    "Subject": dict(
+        prior=True,
+        num_class_images=50,
+        rank=8,
+        alpha=8,
+        steps=400,
+        lr=1e-4,
+        text_encoder=False,
+        sample_every=100,
+    ),
+    "Style": dict(
+        prior=False,
+        num_class_images=50,
+        rank=16,
+        alpha=16,
+        steps=1000,
+        lr=1e-4,
+        text_encoder=False,
+        sample_every=200,
+    ),
+    "Quick test": dict(
+        prior=False,
+        num_class_images=4,
+        rank=4,
+        alpha=4,
+        steps=20,
+        lr=1e-3,
+        text_encoder=False,
+        sample_every=10,
+    ),
 }
 # The bundled demo model is tiny (32 px): it learns in a few hundred steps at a higher rate, and its
 # class images are quick to make, so fewer are needed.
@@ -67,7 +91,9 @@ def preset_values(preset: str, demo: bool) -> dict[str, object]:
     return values
 
 
-def make_config(form: TrainForm, base: str | None, outputs: str | Path, taken: Iterable[str] = ()) -> TrainConfig:
+def make_config(
+    form: TrainForm, base: str | None, outputs: str | Path, taken: Iterable[str] = ()
+) -> TrainConfig:
     """The TrainConfig for a form; ConfigError says in the page's words what is missing or wrong."""
     rows = caption_rows(form.folder)
     if not rows:
@@ -75,19 +101,32 @@ def make_config(form: TrainForm, base: str | None, outputs: str | Path, taken: I
     prompt = " ".join((form.prompt or "").split())
     uncaptioned = [name for name, caption in rows if not caption]
     if uncaptioned and not prompt:
-        raise ConfigError(f"{len(uncaptioned)} image(s) have no caption (e.g. {uncaptioned[0]}): write captions "
-                          "in the table or fill in the instance prompt.")
+        raise ConfigError(
+            f"{len(uncaptioned)} image(s) have no caption (e.g. {uncaptioned[0]}): write captions "
+            "in the table or fill in the instance prompt."
+        )
     class_prompt = " ".join((form.class_prompt or "").split())
     if form.prior and not class_prompt:
-        raise ConfigError("Prior preservation needs a class prompt (e.g. 'a photo of a dog'), or turn it off.")
+        raise ConfigError(
+            "Prior preservation needs a class prompt (e.g. 'a photo of a dog'), or turn it off."
+        )
     sample_prompt = prompt or rows[0][1]
     config = TrainConfig(
-        data_dir=str(form.folder), prompt=prompt or None, base=base,
+        data_dir=str(form.folder),
+        prompt=prompt or None,
+        base=base,
         name=unique_name(outputs, form.name or Path(str(form.folder)).name, taken),
-        class_prompt=class_prompt if form.prior else None, num_class_images=int(form.num_class_images),
-        rank=int(form.rank), alpha=float(form.alpha) or None, steps=int(form.steps), lr=float(form.lr),
-        resolution=int(form.resolution) or None, text_encoder=bool(form.text_encoder), seed=int(form.seed),
-        sample_every=int(form.sample_every), sample_prompt=[sample_prompt] if form.sample_every else [],
+        class_prompt=class_prompt if form.prior else None,
+        num_class_images=int(form.num_class_images),
+        rank=int(form.rank),
+        alpha=float(form.alpha) or None,
+        steps=int(form.steps),
+        lr=float(form.lr),
+        resolution=int(form.resolution) or None,
+        text_encoder=bool(form.text_encoder),
+        seed=int(form.seed),
+        sample_every=int(form.sample_every),
+        sample_prompt=[sample_prompt] if form.sample_every else [],
         outputs=str(outputs),
     )
     config.validate()
@@ -121,10 +160,15 @@ def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
     waiting = [j for j in jobs if j.status is JobStatus.QUEUED and j.id != job.id]
     if waiting:
         status += "  \nQueued after it: " + ", ".join(f"job {j.id} ({j.config.name})" for j in waiting)
-    samples = [(path, f"step {event['step']}") for event in job.events if event["event"] == "sample"
-               for path in event["paths"]]
-    return JobView(status, _bar(done, total), loss_frame(job.events), samples[::-1],
-                   not job.finished or bool(waiting))
+    samples = [
+        (path, f"step {event['step']}")
+        for event in job.events
+        if event["event"] == "sample"
+        for path in event["paths"]
+    ]
+    return JobView(
+        status, _bar(done, total), loss_frame(job.events), samples[::-1], not job.finished or bool(waiting)
+    )
 
 
 def _status_line(job: Job, step: dict | None) -> str:
@@ -140,8 +184,10 @@ def _status_line(job: Job, step: dict | None) -> str:
     if step is None:
         preparing = "making class images for prior preservation, " if job.config.prior_preservation else ""
         return f"starting: loading the base model, {preparing}caching the images…"
-    return (f"step {step['step']}/{step['total']} · loss {step['loss']:.4f} · "
-            f"{_duration(step['elapsed_s'])} elapsed · about {_duration(step['eta_s'])} left")
+    return (
+        f"step {step['step']}/{step['total']} · loss {step['loss']:.4f} · "
+        f"{_duration(step['elapsed_s'])} elapsed · about {_duration(step['eta_s'])} left"
+    )
 
 
 def loss_frame(events: Iterable[dict]) -> pd.DataFrame:
@@ -151,8 +197,10 @@ def loss_frame(events: Iterable[dict]) -> pd.DataFrame:
 
 def _bar(done: int, total: int) -> str:
     percent = 100 * done / max(total, 1)
-    return (f'<div class="sdlora-progress"><progress max="{total}" value="{done}"></progress>'
-            f"<span>{html.escape(f'{done}/{total} steps ({percent:.0f}%)')}</span></div>")
+    return (
+        f'<div class="sdlora-progress"><progress max="{total}" value="{done}"></progress>'
+        f"<span>{html.escape(f'{done}/{total} steps ({percent:.0f}%)')}</span></div>"
+    )
 
 
 def _duration(seconds: float) -> str:

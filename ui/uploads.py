@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
+from sdlora.errors import SdloraError
 from sdlora.files import atomic_write_text, new_stamped_folder, safe_name
 
 CAPTION_SUFFIX = ".txt"
@@ -26,7 +27,7 @@ MAX_FILES = 20_000
 _JUNK = re.compile(r"^(\.|__MACOSX$|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
 
 
-class UploadError(ValueError):
+class UploadError(SdloraError, ValueError):
     """The upload can't be used for training; the message says what is wrong and what to upload instead."""
 
 
@@ -48,7 +49,9 @@ def stage_upload(paths: Sequence[str | Path] | None, uploads_dir: Path) -> Stage
     """
     files = [Path(p) for p in paths or [] if p]
     if not files:
-        raise UploadError("Nothing was uploaded: drop a folder of images (with optional .txt captions) or a .zip.")
+        raise UploadError(
+            "Nothing was uploaded: drop a folder of images (with optional .txt captions) or a .zip."
+        )
     zips = [p for p in files if p.suffix.lower() == ".zip"]
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
@@ -60,7 +63,9 @@ def stage_upload(paths: Sequence[str | Path] | None, uploads_dir: Path) -> Stage
         images = len(list_images(folder))
         if not images:
             details = f" Left out: {'; '.join(skipped)}." if skipped else ""
-            raise UploadError(f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}")
+            raise UploadError(
+                f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}"
+            )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -113,15 +118,18 @@ def _unpack_zip(archive: Path, folder: Path) -> list[str]:
             parts = {m.filename: _member_parts(m.filename) for m in members}
             members = [m for m in members if not any(_JUNK.match(p) for p in parts[m.filename])]
             if len(members) > MAX_FILES or sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
-                raise UploadError(f"{archive.name} is too large to unpack (at most {MAX_FILES} files and "
-                                  f"{MAX_UNPACKED_BYTES // 1024**3} GiB).")
+                raise UploadError(
+                    f"{archive.name} is too large to unpack (at most {MAX_FILES} files and "
+                    f"{MAX_UNPACKED_BYTES // 1024**3} GiB)."
+                )
             tops = {parts[m.filename][0] for m in members if len(parts[m.filename]) > 1}
             strip = 1 if len(tops) == 1 and all(len(parts[m.filename]) > 1 for m in members) else 0
             nested = [m.filename for m in members if len(parts[m.filename]) - strip > 1]
             if nested:
                 raise UploadError(
                     f"{archive.name} has folders inside (e.g. '{nested[0]}'): put the images and captions "
-                    "directly in the zip, or in a single folder inside it.")
+                    "directly in the zip, or in a single folder inside it."
+                )
             skipped: list[str] = []
             for member in members:
                 target = _target_name(parts[member.filename][-1], folder, skipped)
@@ -184,5 +192,7 @@ def save_captions(folder: str | Path, rows: Sequence[Sequence[str]]) -> int:
 
 def thumbnails(folder: str | Path | None) -> list[tuple[str, str]]:
     """(image path, caption) pairs for a gallery of the training folder."""
-    return [(str(Path(folder) / name), caption or "(no caption: the instance prompt is used)")
-            for name, caption in caption_rows(folder)]
+    return [
+        (str(Path(folder) / name), caption or "(no caption: the instance prompt is used)")
+        for name, caption in caption_rows(folder)
+    ]

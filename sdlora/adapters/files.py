@@ -20,11 +20,12 @@ from peft import LoraConfig
 from safetensors import SafetensorError, safe_open
 
 import sdlora
+from sdlora.errors import SdloraError
 
 FACTS_PREFIX = "sdlora."
 
 
-class AdapterError(ValueError):
+class AdapterError(SdloraError, ValueError):
     """An adapter file can't be read or used; the message names the file and the reason."""
 
 
@@ -57,7 +58,7 @@ class AdapterFacts:
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> AdapterFacts | None:
         """The facts in a file's header, or None for files sdlora did not write."""
-        values = {k[len(FACTS_PREFIX):]: v for k, v in metadata.items() if k.startswith(FACTS_PREFIX)}
+        values = {k[len(FACTS_PREFIX) :]: v for k, v in metadata.items() if k.startswith(FACTS_PREFIX)}
         if "rank" not in values:
             return None
         kwargs: dict[str, Any] = {}
@@ -120,7 +121,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
 def _check_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise AdapterError(f"{path}: only .safetensors adapter files are loaded (pickled formats can run code).")
+        raise AdapterError(
+            f"{path}: only .safetensors adapter files are loaded (pickled formats can run code)."
+        )
     if not path.is_file():
         raise AdapterError(f"{path}: no such file.")
     return path

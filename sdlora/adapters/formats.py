@@ -34,14 +34,43 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Parts of diffusers/transformers module names that contain underscores: kohya's names flatten every
 # "." to "_", so these are re-joined when reading them back.
 _COMPOUNDS = (
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
-    "proj_in", "proj_out", "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
-    "final_layer_norm", "layer_norm1", "layer_norm2", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
-    "time_embedding", "linear_1", "linear_2", "add_embedding", "add_k_proj", "add_v_proj",
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "proj_in",
+    "proj_out",
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "final_layer_norm",
+    "layer_norm1",
+    "layer_norm2",
+    "time_emb_proj",
+    "conv_shortcut",
+    "conv_in",
+    "conv_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "add_k_proj",
+    "add_v_proj",
 )
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 _KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-768-v", "sdxl": "stable-diffusion-xl-v1-base"}
+_MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
 
 
 @dataclass
@@ -80,13 +109,16 @@ class LoraFile:
         return AdapterFacts.from_metadata(self.metadata)
 
 
-def lora_from_peft(parts: dict[str, tuple[dict[str, torch.Tensor], float]], metadata: dict[str, str]) -> LoraFile:
+def lora_from_peft(
+    parts: dict[str, tuple[dict[str, torch.Tensor], float]], metadata: dict[str, str]
+) -> LoraFile:
     """From `{component: (get_peft_model_state_dict(model), alpha)}`, as the trainer holds them."""
     modules = {}
     for component, (state, alpha) in parts.items():
         for module, down, up in _peft_pairs(state):
             modules[f"{component}.{module}"] = LoraModule(
-                down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha))
+                down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha)
+            )
     return LoraFile(modules, metadata)
 
 
@@ -96,7 +128,11 @@ def _peft_pairs(state: dict[str, torch.Tensor]):
     for key, down in state.items():
         if key.endswith(".lora_A.weight"):
             stem = key.removesuffix(".lora_A.weight")
-            yield strip_text_model(stem.removeprefix("base_model.model.")), down, state[f"{stem}.lora_B.weight"]
+            yield (
+                strip_text_model(stem.removeprefix("base_model.model.")),
+                down,
+                state[f"{stem}.lora_B.weight"],
+            )
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -130,10 +166,14 @@ def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[st
 
 
 def _kohya_module_name(name: str) -> tuple[str, str]:
-    for component, prefix in (("text_encoder_2", "lora_te2_"), ("text_encoder", "lora_te1_"),
-                              ("text_encoder", "lora_te_"), ("unet", "lora_unet_")):
+    for component, prefix in (
+        ("text_encoder_2", "lora_te2_"),
+        ("text_encoder", "lora_te1_"),
+        ("text_encoder", "lora_te_"),
+        ("unet", "lora_unet_"),
+    ):
         if name.startswith(prefix):
-            return component, _unflatten(name[len(prefix):])
+            return component, _unflatten(name[len(prefix) :])
     raise AdapterError(f"Unrecognised kohya key {name!r}.")
 
 
@@ -144,7 +184,7 @@ def _unflatten(flat: str) -> str:
     i = 0
     while i < len(words):
         for size in (3, 2):
-            joined = "_".join(words[i:i + size])
+            joined = "_".join(words[i : i + size])
             if joined in _COMPOUNDS:
                 parts.append(joined)
                 i += size
@@ -170,8 +210,9 @@ _DIFFUSERS_SUFFIXES = (
 )
 
 
-def _modules_from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                            path: Path) -> dict[str, LoraModule]:
+def _modules_from_diffusers(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
+) -> dict[str, LoraModule]:
     configs = _configs_from_metadata(metadata)
     alphas = {k.removesuffix(".alpha"): float(v.item()) for k, v in tensors.items() if k.endswith(".alpha")}
     modules = {}
@@ -221,13 +262,17 @@ def _read_peft_folder(folder: Path) -> LoraFile:
     for component, source in sources:
         config_path, weights_path = source / "adapter_config.json", source / "adapter_model.safetensors"
         if not config_path.is_file() or not weights_path.is_file():
-            raise AdapterError(f"{source}: a peft folder needs adapter_config.json and adapter_model.safetensors "
-                               "(pickled adapter_model.bin is not loaded).")
+            raise AdapterError(
+                f"{source}: a peft folder needs adapter_config.json and adapter_model.safetensors "
+                "(pickled adapter_model.bin is not loaded)."
+            )
         config = json.loads(config_path.read_text())
         tensors, file_metadata = read_adapter(weights_path)
         metadata.update(file_metadata)
         for module, down, up in _peft_pairs(tensors):
-            modules[f"{component}.{module}"] = LoraModule(down, up, _config_alpha(config, module, down.shape[0]))
+            modules[f"{component}.{module}"] = LoraModule(
+                down, up, _config_alpha(config, module, down.shape[0])
+            )
     return LoraFile(modules, metadata, "peft")
 
 
@@ -252,7 +297,9 @@ def peft_config_for(modules: dict[str, LoraModule]) -> LoraConfig:
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
     return LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=sorted(modules),
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(modules),
         rank_pattern={name: m.rank for name, m in modules.items() if m.rank != rank},
         alpha_pattern={name: m.alpha for name, m in modules.items() if m.alpha != alpha},
     )
@@ -315,33 +362,37 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     family = facts.family if facts else "sd1"
     name = facts.name if facts else "lora"
     metadata = {k: v for k, v in lora.metadata.items() if k.startswith(FACTS_PREFIX)}
-    metadata.update({
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": _KOHYA_BASE_VERSION.get(family, "sd_v1"),
-        "ss_v2": str(family == "sd2"),
-        "ss_output_name": name,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{_MODELSPEC_ARCH.get(family, 'stable-diffusion-v1')}/lora",
-        "modelspec.implementation": "diffusers",
-        "modelspec.title": name,
-    })
+    metadata.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": f"{alpha:g}",
+            "ss_base_model_version": _KOHYA_BASE_VERSION.get(family, "sd_v1"),
+            "ss_v2": str(family == "sd2"),
+            "ss_output_name": name,
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"{_MODELSPEC_ARCH.get(family, 'stable-diffusion-v1')}/lora",
+            "modelspec.implementation": "diffusers",
+            "modelspec.title": name,
+        }
+    )
     if facts:
-        metadata.update({
-            "ss_sd_model_name": facts.base_model,
-            "ss_steps": str(facts.steps),
-            "ss_learning_rate": f"{facts.learning_rate:g}",
-            "ss_num_train_images": str(facts.image_count),
-            "ss_resolution": f"({facts.resolution}, {facts.resolution})",
-            "ss_seed": str(facts.seed),
-            "ss_training_comment": f"trigger words: {facts.trigger_words}",
-            "ss_tag_frequency": json.dumps({name: json.loads(facts.tag_frequency or "{}")}),
-            "modelspec.trigger_phrase": facts.trigger_words,
-            "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
-            "modelspec.date": facts.created,
-            "modelspec.prediction_type": "v" if family == "sd2" else "epsilon",
-        })
+        metadata.update(
+            {
+                "ss_sd_model_name": facts.base_model,
+                "ss_steps": str(facts.steps),
+                "ss_learning_rate": f"{facts.learning_rate:g}",
+                "ss_num_train_images": str(facts.image_count),
+                "ss_resolution": f"({facts.resolution}, {facts.resolution})",
+                "ss_seed": str(facts.seed),
+                "ss_training_comment": f"trigger words: {facts.trigger_words}",
+                "ss_tag_frequency": json.dumps({name: json.loads(facts.tag_frequency or "{}")}),
+                "modelspec.trigger_phrase": facts.trigger_words,
+                "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
+                "modelspec.date": facts.created,
+                "modelspec.prediction_type": "v" if family == "sd2" else "epsilon",
+            }
+        )
     return metadata
 
 
@@ -353,8 +404,9 @@ def _write_peft_folder(lora: LoraFile, out: Path) -> Path:
         for name, module in modules.items():
             tensors[f"base_model.model.{name}.lora_A.weight"] = module.down.contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = module.up.contiguous()
-        atomic_write_bytes(folder / "adapter_model.safetensors",
-                           safetensors_bytes(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(
+            folder / "adapter_model.safetensors", safetensors_bytes(tensors, metadata={"format": "pt"})
+        )
         config = lora_config_metadata(peft_config_for(modules))
         atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2, default=str))
     return out

@@ -63,9 +63,11 @@ class Compatibility:
     def explain(self, what: str, base: str) -> str:
         total = sum(self.mapped.values()) + len(self.unmapped)
         examples = "; ".join(f"{name} ({reason})" for name, reason in self.unmapped[:3])
-        return (f"{what} is a LoRA for {self.lora_family} but the base {base} is {self.base_family}: "
-                f"{len(self.unmapped)} of {total} modules do not fit, e.g. {examples}. "
-                "Use a base of the family the LoRA was trained on.")
+        return (
+            f"{what} is a LoRA for {self.lora_family} but the base {base} is {self.base_family}: "
+            f"{len(self.unmapped)} of {total} modules do not fit, e.g. {examples}. "
+            "Use a base of the family the LoRA was trained on."
+        )
 
 
 def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibility:
@@ -74,7 +76,9 @@ def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibilit
     for component, modules in lora.components().items():
         model = getattr(pipe, component, None)
         if model is None:
-            report.unmapped.extend((f"{component}.{name}", f"the base has no {component}") for name in modules)
+            report.unmapped.extend(
+                (f"{component}.{name}", f"the base has no {component}") for name in modules
+            )
             continue
         targets = {strip_text_model(name): m for name, m in model.named_modules()}
         mapped = 0
@@ -85,8 +89,12 @@ def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibilit
             if weight is None:
                 report.unmapped.append((f"{component}.{name}", "no such layer in the base"))
             elif tuple(weight.shape[:2]) != expected:
-                report.unmapped.append((f"{component}.{name}", f"LoRA {expected[1]}->{expected[0]}, "
-                                        f"base {weight.shape[1]}->{weight.shape[0]}"))
+                report.unmapped.append(
+                    (
+                        f"{component}.{name}",
+                        f"LoRA {expected[1]}->{expected[0]}, base {weight.shape[1]}->{weight.shape[0]}",
+                    )
+                )
             else:
                 mapped += 1
         report.mapped[component] = mapped
@@ -115,14 +123,21 @@ def summarize(path: str | Path, pipe: DiffusionPipeline | None = None) -> dict[s
         "parameters": sum(m.down.numel() + m.up.numel() for m in lora.modules.values()),
         "components": components,
         "facts": dataclasses.asdict(facts) if facts else None,
-        "lora_config": json.loads(metadata[LORA_ADAPTER_METADATA_KEY]) if LORA_ADAPTER_METADATA_KEY in metadata else {},
-        "other_metadata": {k: v for k, v in metadata.items()
-                           if k != LORA_ADAPTER_METADATA_KEY and not k.startswith(FACTS_PREFIX)},
+        "lora_config": json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
+        if LORA_ADAPTER_METADATA_KEY in metadata
+        else {},
+        "other_metadata": {
+            k: v
+            for k, v in metadata.items()
+            if k != LORA_ADAPTER_METADATA_KEY and not k.startswith(FACTS_PREFIX)
+        },
     }
     if pipe is not None:
         report = check_compatibility(lora, pipe)
         summary["compatibility"] = {
-            "base_family": report.base_family, "ok": report.ok, "mapped": report.mapped,
+            "base_family": report.base_family,
+            "ok": report.ok,
+            "mapped": report.mapped,
             "unmapped": [f"{name}: {reason}" for name, reason in report.unmapped],
         }
     return summary
@@ -132,4 +147,3 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
-

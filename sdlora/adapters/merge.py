@@ -24,7 +24,9 @@ class MergeReport:
     mean_relative_error: float
 
 
-def merge_loras(adapters: list[tuple[LoraFile, float]], rank: int | None = None) -> tuple[LoraFile, MergeReport]:
+def merge_loras(
+    adapters: list[tuple[LoraFile, float]], rank: int | None = None
+) -> tuple[LoraFile, MergeReport]:
     """One LoRA equal to the weighted sum of `adapters`: concatenated (rank=None) or SVD to `rank`."""
     if not adapters:
         raise ValueError("Nothing to merge.")

@@ -55,7 +55,7 @@ def bucket_batches(bucket_of: list[Bucket], repeats: list[int], batch_size: int,
             indices = by_bucket[bucket]
             rng.shuffle(indices)
             for start in range(0, len(indices), batch_size):
-                batch = indices[start:start + batch_size]
+                batch = indices[start : start + batch_size]
                 # Always full: the last batch of a bucket is topped up from its start, so every
                 # data-parallel process gets its share and batch statistics don't jump.
                 batches.append(batch + [indices[i % len(indices)] for i in range(batch_size - len(batch))])

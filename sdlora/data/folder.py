@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.data.images import ImageError, load_image
+from sdlora.errors import SdloraError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
-class DataError(ValueError):
+class DataError(SdloraError, ValueError):
     """The training data can't be used; the message says what to fix."""
 
 

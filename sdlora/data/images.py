@@ -9,12 +9,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sdlora.data.buckets import Bucket
+from sdlora.errors import SdloraError
 
 # Refuse decompression bombs outright rather than only warning (PIL's default warns at ~89 Mpx).
 MAX_PIXELS = 64_000_000
 
 
-class ImageError(ValueError):
+class ImageError(SdloraError, ValueError):
     """An image file can't be used; the message names the file and the reason."""
 
 
@@ -67,4 +68,6 @@ def fit_to_bucket(image: Image.Image, bucket: Bucket) -> Image.Image:
     The bucket was chosen for its aspect ratio, so the crop is small, unlike a blind centre crop to a square.
     """
     resized, (top, left) = bucket_fit(image.size, bucket)
-    return image.resize(resized, Image.Resampling.LANCZOS).crop((left, top, left + bucket.width, top + bucket.height))
+    return image.resize(resized, Image.Resampling.LANCZOS).crop(
+        (left, top, left + bucket.width, top + bucket.height)
+    )

@@ -44,8 +44,14 @@ class GenerationParams:
 class Generator:
     """Loads the base once; adapters are loaded by file under descriptive names and mixed per call."""
 
-    def __init__(self, base: DiffusionPipeline | str | None = None, *, device: str | None = None,
-                 dtype: torch.dtype | None = None, fuse: bool = True):
+    def __init__(
+        self,
+        base: DiffusionPipeline | str | None = None,
+        *,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        fuse: bool = True,
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         if isinstance(base, DiffusionPipeline):
@@ -147,22 +153,34 @@ class Generator:
         height = params.height or self.native_size
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         image = self.pipe(
-            params.prompt, negative_prompt=params.negative_prompt or None, num_inference_steps=params.steps,
-            guidance_scale=params.guidance, width=width, height=height, generator=generator,
+            params.prompt,
+            negative_prompt=params.negative_prompt or None,
+            num_inference_steps=params.steps,
+            guidance_scale=params.guidance,
+            width=width,
+            height=height,
+            generator=generator,
         ).images[0]
         image.info["parameters"] = self.describe(params, adapters, width, height)
         return image
 
-    def describe(self, params: GenerationParams, adapters: Mapping[str, float], width: int, height: int) -> str:
+    def describe(
+        self, params: GenerationParams, adapters: Mapping[str, float], width: int, height: int
+    ) -> str:
         """Parameters in the text form AUTOMATIC1111 and other tools write into PNGs."""
         fields = [
-            f"Steps: {params.steps}", f"Sampler: {SCHEDULERS[params.scheduler][2]}",
-            f"CFG scale: {params.guidance:g}", f"Seed: {params.seed}", f"Size: {width}x{height}",
+            f"Steps: {params.steps}",
+            f"Sampler: {SCHEDULERS[params.scheduler][2]}",
+            f"CFG scale: {params.guidance:g}",
+            f"Seed: {params.seed}",
+            f"Size: {width}x{height}",
             f"Model: {base_label(self.base_name)}",
         ]
         if adapters:
-            fields.append("Lora: " + ", ".join(
-                f"{self.adapters[name].stem}:{weight:g}" for name, weight in adapters.items()))
+            fields.append(
+                "Lora: "
+                + ", ".join(f"{self.adapters[name].stem}:{weight:g}" for name, weight in adapters.items())
+            )
         fields.append(f"Version: sdlora {sdlora.__version__}")
         lines = [params.prompt]
         if params.negative_prompt:
@@ -170,7 +188,9 @@ class Generator:
         lines.append(", ".join(fields))
         return "\n".join(lines)
 
-    def compare(self, params: GenerationParams, adapters: Mapping[str, float]) -> list[tuple[str, Image.Image]]:
+    def compare(
+        self, params: GenerationParams, adapters: Mapping[str, float]
+    ) -> list[tuple[str, Image.Image]]:
         """Same seed throughout: the base alone, each adapter alone at its weight, then the mix."""
         results = [("base", self.generate(params))]
         for name, weight in adapters.items():
@@ -179,8 +199,13 @@ class Generator:
             results.append(("mix", self.generate(params, adapters)))
         return results
 
-    def sweep(self, params: GenerationParams, name: str, weights: list[float],
-              others: Mapping[str, float] | None = None) -> list[tuple[str, Image.Image]]:
+    def sweep(
+        self,
+        params: GenerationParams,
+        name: str,
+        weights: list[float],
+        others: Mapping[str, float] | None = None,
+    ) -> list[tuple[str, Image.Image]]:
         """One adapter at a row of weights (others held fixed), same seed."""
         others = {k: v for k, v in (others or {}).items() if k != name}
         return [(f"{self._label(name)} {w:g}", self.generate(params, {**others, name: w})) for w in weights]

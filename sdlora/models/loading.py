@@ -11,13 +11,14 @@ import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from sdlora.demo import DEMO_MODEL_DIR
+from sdlora.errors import SdloraError
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
-class BaseModelError(ValueError):
+class BaseModelError(SdloraError, ValueError):
     """The base model can't be loaded; the message says what was tried and what to do."""
 
 

@@ -43,8 +43,9 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     opt_tensors, opt_json = _split_optimizer_state(state.optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps(
-        {"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}, indent=1))
+    (tmp / "state.json").write_text(
+        json.dumps({"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}, indent=1)
+    )
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())

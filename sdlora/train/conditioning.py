@@ -47,13 +47,20 @@ class TextConditioner:
         self.encoders: dict[str, torch.nn.Module] = {name: getattr(pipe, name) for name in names}
         self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if self.sdxl else [pipe.tokenizer]
 
-    def encode(self, captions: list[str], device, encoders: dict[str, torch.nn.Module] | None = None) -> Conditioning:
+    def encode(
+        self, captions: list[str], device, encoders: dict[str, torch.nn.Module] | None = None
+    ) -> Conditioning:
         """`encoders` replaces the pipeline's own (e.g. the accelerate-wrapped ones being trained)."""
         encoders = {**self.encoders, **(encoders or {})}
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, encoders.values(), strict=True):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+            ids = tokenizer(
+                captions,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)
             if not self.sdxl:
                 return Conditioning(encoder(ids)[0])
             output = encoder(ids, output_hidden_states=True)
@@ -64,7 +71,10 @@ class TextConditioner:
     def unet_kwargs(self, conditioning: Conditioning, sizes: list[SizeInfo], dtype: torch.dtype) -> dict:
         kwargs = {"encoder_hidden_states": conditioning.hidden.to(dtype)}
         if self.sdxl:
-            time_ids = torch.tensor([[*s.original, *s.crop_top_left, s.bucket.height, s.bucket.width] for s in sizes],
-                                    device=conditioning.hidden.device, dtype=dtype)
+            time_ids = torch.tensor(
+                [[*s.original, *s.crop_top_left, s.bucket.height, s.bucket.width] for s in sizes],
+                device=conditioning.hidden.device,
+                dtype=dtype,
+            )
             kwargs["added_cond_kwargs"] = {"text_embeds": conditioning.pooled.to(dtype), "time_ids": time_ids}
         return kwargs

@@ -29,8 +29,13 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHandler | None = None,
-                      cancel: threading.Event | None = None) -> TrainResult:
+def train_distributed(
+    config: TrainConfig,
+    processes: int,
+    *,
+    on_event: EventHandler | None = None,
+    cancel: threading.Event | None = None,
+) -> TrainResult:
     """Train with `processes` data-parallel processes (one per GPU; gloo on a CPU)."""
     config.validate()
     runs, pattern = Path(config.outputs) / "runs", f"{adapter_name(config)}-*"
@@ -42,9 +47,22 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
     with tempfile.TemporaryDirectory() as tmp:
         job_file, log_file = Path(tmp) / "job.toml", Path(tmp) / "log.txt"
         job_file.write_text(dump_toml(config))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                   "-m", "sdlora", "train", "--config", str(job_file)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(processes),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "sdlora",
+            "train",
+            "--config",
+            str(job_file),
+        ]
         with open(log_file, "w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
             while True:
@@ -64,10 +82,18 @@ def train_distributed(config: TrainConfig, processes: int, *, on_event: EventHan
                     break
                 time.sleep(POLL_SECONDS)
         if process.returncode != 0:
-            raise TrainingError(f"The {processes}-process training failed (exit {process.returncode}):\n"
-                                f"{_failure_excerpt(log_file.read_text(errors='replace'))}")
-    return TrainResult(adapter_file(config), run.path, last.get("step", 0), last.get("loss", float("nan")),
-                       last.get("elapsed_s", 0.0), cancelled=last["event"] == "cancelled")
+            raise TrainingError(
+                f"The {processes}-process training failed (exit {process.returncode}):\n"
+                f"{_failure_excerpt(log_file.read_text(errors='replace'))}"
+            )
+    return TrainResult(
+        adapter_file(config),
+        run.path,
+        last.get("step", 0),
+        last.get("loss", float("nan")),
+        last.get("elapsed_s", 0.0),
+        cancelled=last["event"] == "cancelled",
+    )
 
 
 def _failure_excerpt(log: str, size: int = 2000) -> str:
@@ -75,7 +101,7 @@ def _failure_excerpt(log: str, size: int = 2000) -> str:
     first = log.find("Traceback")
     if first == -1 or first >= len(log) - size:
         return log[-size:]
-    return f"{log[first:first + size]}\n...\n{log[-size:]}"
+    return f"{log[first : first + size]}\n...\n{log[-size:]}"
 
 
 def _free_port() -> int:

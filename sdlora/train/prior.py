@@ -21,8 +21,15 @@ def default_class_dir(outputs: Path, base: str, class_prompt: str, resolution: i
 
 
 def ensure_class_images(
-    pipe: DiffusionPipeline, class_prompt: str, folder: Path, count: int, resolution: int, seed: int,
-    device: str | None = None, steps: int = 25, guidance: float = 5.0,
+    pipe: DiffusionPipeline,
+    class_prompt: str,
+    folder: Path,
+    count: int,
+    resolution: int,
+    seed: int,
+    device: str | None = None,
+    steps: int = 25,
+    guidance: float = 5.0,
 ) -> tuple[list[Path], int]:
     """Make sure `folder` holds at least `count` class images; returns (the images to use, how many were made).
 
@@ -40,8 +47,14 @@ def ensure_class_images(
         for _ in tqdm(range(missing), desc="class images", leave=False):
             while f"class-{index:05d}" in taken:
                 index += 1
-            params = GenerationParams(class_prompt, seed=seed + index, steps=steps, guidance=guidance,
-                                      width=resolution, height=resolution)
+            params = GenerationParams(
+                class_prompt,
+                seed=seed + index,
+                steps=steps,
+                guidance=guidance,
+                width=resolution,
+                height=resolution,
+            )
             image = generator.generate(params)
             atomic_write_text(folder / f"class-{index:05d}.txt", class_prompt)
             save_png(image, folder / f"class-{index:05d}.png")

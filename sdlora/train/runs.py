@@ -59,7 +59,9 @@ def find_run_to_resume(runs_dir: Path, name: str, resume: str) -> RunFolder:
         return run
     pattern = re.compile(rf"^{re.escape(name)}-\d{{8}}-\d{{6}}(-\d+)?$")
     candidates = sorted(
-        (p for p in runs_dir.glob("*") if p.is_dir() and pattern.match(p.name)), key=lambda p: p.name, reverse=True
+        (p for p in runs_dir.glob("*") if p.is_dir() and pattern.match(p.name)),
+        key=lambda p: p.name,
+        reverse=True,
     )
     for path in candidates:
         if RunFolder(path).latest_checkpoint() is not None:
