@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from sdlora.errors import SdloraError
+from sdlora.outputs import DEFAULT_OUTPUTS as OUTPUTS_DIR
 
-OUTPUTS_DIR = Path("outputs")
 # Adapter layouts: single files (diffusers' load_lora_weights; kohya for AUTOMATIC1111 and ComfyUI), and
 # peft's folders. Here rather than in sdlora.adapters so the CLI can offer them without importing torch.
 FILE_FORMATS = ("diffusers", "kohya")
