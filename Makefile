@@ -42,7 +42,7 @@ test: install lint browser
 # Python 3.11). torch is locked without its local label (+cpu) so the same lock serves a CUDA build.
 lock: install
 	$(PY) -m pip install -q uv
-	echo "torch==$(TORCH_VERSION)" | $(VENV)/bin/uv pip compile pyproject.toml - --extra test $(TORCH_INDEX) \
+	echo "torch==$(TORCH_VERSION)" | $(VENV)/bin/uv pip compile pyproject.toml - --extra test --extra cuda $(TORCH_INDEX) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet \
 		| sed -E 's/^torch==([0-9.]+)\+[a-z0-9]+/torch==\1/' > $(LOCK).new
 	mv $(LOCK).new $(LOCK)
