@@ -28,12 +28,12 @@ _CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 def guess_family(lora: LoraFile) -> str:
     """'sd1', 'sd2', 'sdxl', or 'other (N-wide text)' from the keys and the cross-attention input width."""
     components = lora.components()
-    if "text_encoder_2" in components:
-        return "sdxl"
     for name, module in components.get("unet", {}).items():
         if ".attn2.to_k" in f".{name}" or ".attn2.to_v" in f".{name}":
             width = int(module.shape[1])
             return _CROSS_WIDTH_FAMILY.get(width, f"other ({width}-wide text)")
+    if "text_encoder_2" in components:
+        return "sdxl"
     if "text_encoder" in components:
         width = int(next(iter(components["text_encoder"].values())).shape[1])
         return {768: "sd1", 1024: "sd2"}.get(width, f"other ({width}-wide text encoder)")
@@ -60,6 +60,7 @@ class Compatibility:
 
     @property
     def family_mismatch(self) -> bool:
+        """The file's family is known and differs from the base's: refused even where some shapes fit."""
         return self.lora_family != "unknown" and self.lora_family != self.base_family
 
     @property
@@ -86,7 +87,7 @@ class Compatibility:
         if not self.ok:
             return (
                 f"{what} does not fit the base {base} ({self.base_family}): {len(self.unmapped)} of {total} "
-                f"modules have no matching layer, e.g. {examples}. It was made for a different model."
+                f"modules do not fit, e.g. {examples}. It was made for a different model."
             )
         if self.unmapped:
             return (

@@ -21,7 +21,7 @@ DORA_EPS = torch.finfo(torch.float32).eps
 
 
 def _tucker(core: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Rebuild a Tucker-decomposed conv kernel: core (r, r, kh, kw), down (r, in), up (out, r)."""
+    """Rebuild a Tucker-decomposed conv kernel: core (r, r, kh, kw), down (r, in), up (r, out)."""
     return torch.einsum("i j ..., j r, i p -> p r ...", core, down, up)
 
 
@@ -141,7 +141,7 @@ class LoraModule(NetworkModule):
     def delta(self) -> torch.Tensor:
         up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
         if self.mid is not None:
-            return self.scale * _tucker(self.mid.float(), down, up)
+            return self.scale * _tucker(self.mid.float(), down, up.T)
         return (self.scale * up @ down).reshape(self.shape)
 
 
@@ -149,8 +149,8 @@ class LoraModule(NetworkModule):
 class LohaModule(NetworkModule):
     """LoHa: the Hadamard product of two low-rank products, (w1a @ w1b) * (w2a @ w2b)."""
 
-    w1a: torch.Tensor | None = None  # (out, rank)
-    w1b: torch.Tensor | None = None  # (rank, in·kh·kw), or (rank, in) with a Tucker core
+    w1a: torch.Tensor | None = None  # (out, rank); (rank, out) with a Tucker core
+    w1b: torch.Tensor | None = None  # (rank, in·kh·kw); (rank, in) with a Tucker core
     w2a: torch.Tensor | None = None
     w2b: torch.Tensor | None = None
     t1: torch.Tensor | None = None  # Tucker cores (rank, rank, kh, kw)
@@ -173,7 +173,7 @@ class LohaModule(NetworkModule):
     @property
     def shape(self) -> tuple[int, ...]:
         if self.t1 is not None:
-            return (self.w1a.shape[0], self.w1b.shape[1], *self.t1.shape[2:])
+            return (self.w1a.shape[1], self.w1b.shape[1], *self.t1.shape[2:])
         return (self.w1a.shape[0], self.w1b.shape[1])
 
     def delta(self) -> torch.Tensor:
@@ -226,8 +226,8 @@ class LokrModule(NetworkModule):
             w2 = self.w2.float()
         elif self.t2 is not None:
             w2 = _tucker(self.t2.float(), self.w2b.float(), self.w2a.float())
-        else:
-            w2 = self.w2a.float() @ self.w2b.float()
+        else:  # a conv w2b keeps its kernel axes: (rank, in, kh, kw)
+            w2 = (self.w2a.float() @ self.w2b.float().flatten(1)).reshape(-1, *self.w2b.shape[1:])
         return w1, w2
 
     @property
