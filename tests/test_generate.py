@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdlora.adapters import AdapterError
+from sdlora.config import ConfigError
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
 from sdlora.train import train
 from tests.conftest import diffusers_mix, draw_blob, train_config
@@ -125,3 +127,28 @@ def test_stacks_draw_what_diffusers_own_loader_draws(tiny_base, two_adapters):
         a = ours.generate(PARAMS, dict(zip(names, mix, strict=True)))
         b = reference.generate(PARAMS)
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_two_hundred_mixes_leave_the_base_bit_identical(tiny_base, two_adapters, dtype):
+    """Mixes are computed from pristine weights, never by subtracting what was added: after any history
+    (extreme weights included), the base with no adapter is exactly a fresh load."""
+    fresh = {k: v.clone() for k, v in Generator(tiny_base, dtype=dtype).pipe.unet.state_dict().items()}
+    generator = Generator(tiny_base, dtype=dtype)
+    names = [generator.load_adapter(path) for path in two_adapters]
+    rng = np.random.default_rng(0)
+    for step in range(200):
+        mix = {name: float(w) for name, w in zip(names, rng.uniform(-4, 4, size=2), strict=True)}
+        generator.activate(mix if step % 7 else {names[0]: 4.0})
+    generator.activate({})
+    for key, value in generator.pipe.unet.state_dict().items():
+        assert torch.equal(value, fresh[key]), key
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 10000.0, -4.5, "x"])
+def test_weights_outside_the_range_are_refused_and_change_nothing(generator, weight):
+    before = {k: v.clone() for k, v in generator.pipe.unet.state_dict().items()}
+    with pytest.raises(ConfigError, match="lora_purple|purple"):
+        generator.activate({"lora_purple": weight})
+    for key, value in generator.pipe.unet.state_dict().items():
+        assert torch.equal(value, before[key]), key
