@@ -12,7 +12,9 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
+from sdlora.adapters import AdapterFacts  # noqa: E402
 from sdlora.train import train  # noqa: E402
 from tests.tiny_models import save_tiny_pipeline  # noqa: E402
 
@@ -103,3 +105,24 @@ def two_adapters(tiny_base, tmp_path_factory) -> tuple[str, str]:
         )
         paths.append(str(result.adapter))
     return paths[0], paths[1]
+
+
+def fake_adapter(path: Path, facts: AdapterFacts | None = None, **metadata: str) -> Path:
+    """A small .safetensors file with sdlora's header facts (or another tool's metadata)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", **(facts.to_metadata() if facts else {}), **metadata}
+    save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(path), metadata=header)
+    return path
+
+
+FACTS = AdapterFacts(
+    name="star",
+    base_model="/models/demo",
+    family="sd1",
+    rank=4,
+    alpha=2.0,
+    targets="all",
+    trigger_words="sks",
+    steps=30,
+    created="2026-01-02T03:04:05+00:00",
+)
