@@ -157,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config: GenerateConfig = config_from_args(GenerateConfig, args)
     if not config.base:
         _say_demo_model()
-    generator = Generator(config.base)
+    generator = Generator(config.base, adapter_dir=OUTPUTS_DIR / "adapters")
     weights = {generator.load_adapter(path): weight for path, weight in map(parse_lora_arg, config.lora)}
     for name in weights:
         for module, reason in generator.skipped(name)[:20]:

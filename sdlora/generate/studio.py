@@ -69,7 +69,7 @@ class Studio:
         spec = resolve_base(base_spec(text))
         if self._generator is None or spec != self._spec:
             self._generator, self._spec = None, None
-            self._generator, self._spec = Generator(spec), spec
+            self._generator, self._spec = Generator(spec, adapter_dir=self.outputs.adapters), spec
         return self._generator
 
     def _weights(self, generator: Generator, adapters: Sequence[tuple[str, float]]) -> dict[str, float]:
@@ -84,6 +84,8 @@ class Studio:
         """Whether an adapter file fits the base in use (the demo model if none was loaded yet)."""
         with self._lock:
             report = self._base(self._spec).check_fit(read_lora(path), path.name)
+        if report.skipped:
+            return report.explain(path.name, "in use")
         return f"It fits the base in use ({sum(report.mapped.values())} modules, {report.lora_family})."
 
     def generate(
