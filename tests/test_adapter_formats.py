@@ -12,9 +12,9 @@ from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
 from sdlora.adapters import AdapterError, read_adapter, read_lora, write_lora
-from sdlora.adapters.merge import fuse_into_base, merge_loras
+from sdlora.adapters.merge import merge_loras
 from sdlora.cli import main
-from sdlora.generate import GenerationParams, Generator
+from sdlora.generate import GenerationParams, Generator, fuse_into_base
 from sdlora.train import train
 from tests.conftest import draw_blob, train_config
 from tests.test_train import load, unet_output
