@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from sdlora.models import BaseModelError, load_base, model_family, native_resolution
+from sdlora.models import BaseModelError, family_of, load_base, native_resolution
 
 
 def test_local_folder_loads(tiny_base, tiny_vpred_base):
     pipe = load_base(tiny_base)
-    assert model_family(pipe) == "sd1" and native_resolution(pipe) == 16
-    assert model_family(load_base(tiny_vpred_base)) == "sd2"
+    assert family_of(pipe).name == "sd1" and native_resolution(pipe) == 16
+    assert family_of(load_base(tiny_vpred_base)).name == "sd2"
 
 
 def test_unknown_base_names_what_was_tried():

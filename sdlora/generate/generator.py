@@ -91,7 +91,7 @@ class Generator:
                 while f"{name}_{suffix}" in self.adapters:
                     suffix += 1
                 name = f"{name}_{suffix}"
-        lora = read_lora(path)
+        lora = read_lora(path, self.pipe.unet.config)
         self.check_fit(lora, str(path))
         self.activate({})  # new LoRA layers go onto unfused weights
         self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
