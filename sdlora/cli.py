@@ -262,7 +262,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.adapters import read_lora, write_lora
-    from sdlora.adapters.merge import fuse_into_base, merge_loras
+    from sdlora.adapters.merge import merge_loras
+    from sdlora.generate import fuse_into_base
 
     adapters = [parse_lora_arg(text) for text in args.adapters]
     if args.into_model:

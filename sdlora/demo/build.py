@@ -43,7 +43,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -306,24 +306,22 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return torch.clamp(snr, max=gamma) / snr
 
 
-class EMA:
-    """Exponential moving average of weights: a cheap, reliable quality gain for diffusion models."""
+def weight_average(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """Exponential moving average of weights: a cheap, reliable quality gain for diffusion models.
 
-    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
-        self.sources = [p for module in modules for p in module.parameters()]
-        self.shadow = [p.detach().clone() for p in self.sources]
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten quickly
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.sources], 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, modules: list[torch.nn.Module]) -> None:
-        targets = [p for module in modules for p in module.parameters()]
-        for target, value in zip(targets, self.shadow, strict=True):
-            target.copy_(value)
+    The decay at update k (from 0) is min(decay, (1 + k) / (10 + k)): early weights are forgotten
+    quickly. That is EMAModel's warm-up 1 - (1 + s / 9)^-1 = s / (9 + s) at s = k + 1, hence
+    `update_after_step=-1` (EMAModel counts s = k otherwise, and s = 0 would copy the weights outright).
+    """
+    return EMAModel(
+        parameters,
+        decay=decay,
+        use_ema_warmup=True,
+        inv_gamma=9.0,
+        power=1.0,
+        update_after_step=-1,
+        foreach=True,
+    )
 
 
 def train_unet(
@@ -346,7 +344,7 @@ def train_unet(
     modules: list[torch.nn.Module] = [text_encoder, unet]
     parameters = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
-    ema = EMA(modules, config.ema_decay)
+    ema = weight_average(parameters, config.ema_decay)
     scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     latent_mean, latent_std = latents
     schedule = Schedule("unet", config.unet_steps, config.unet_minutes, config.warmup_steps, config.log_every)
@@ -370,9 +368,9 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        ema.update(step)
+        ema.step(parameters)
         schedule.log(step, per_sample.mean().item(), lr)
-    ema.copy_to(modules)
+    ema.copy_to(parameters)
     return text_encoder.eval(), unet.eval(), schedule.summary()
 
 

@@ -122,7 +122,7 @@ class Generator:
                 while f"{name}_{suffix}" in self.loaded:
                     suffix += 1
                 name = f"{name}_{suffix}"
-        lora = read_lora(path)
+        lora = read_lora(path, self.pipe.unet.config)
         report = self.check_fit(lora, str(path))
         skipped = {module for module, _ in report.unmapped}
         layers = {}

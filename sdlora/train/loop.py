@@ -43,15 +43,13 @@ from sdlora.data import (
 from sdlora.errors import SdloraError
 from sdlora.files import safe_name
 from sdlora.generate import GenerationParams, Generator, save_png
-from sdlora.models import bucket_step, load_base, model_family, native_resolution, resolve_base
+from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from sdlora.train.conditioning import Conditioning, SizeInfo, TextConditioner
 from sdlora.train.events import EventHandler, EventLog
 from sdlora.train.prior import default_class_dir, ensure_class_images
 from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 SAMPLE_STEPS = 20
 SAMPLE_GUIDANCE = 5.0
 COMPILE_TOLERANCE = 0.05  # relative gradient difference allowed between compiled and eager U-Nets
@@ -162,7 +160,7 @@ def _train(
         name=name,
         adapter=str(adapter_path),
         resolution=resolution,
-        family=model_family(pipe).value,
+        family=family_of(pipe).name,
         mixed_precision=accelerator.mixed_precision,
     )
 
@@ -192,7 +190,7 @@ def _train(
     parts: dict[str, torch.nn.Module] = {"unet": unet}  # component name -> module being trained
     if config.text_encoder:
         for part, encoder in conditioner.encoders.items():
-            encoder.add_adapter(lora_config(config, list(TEXT_ENCODER_TARGETS)))
+            encoder.add_adapter(lora_config(config, list(family_of(pipe).text_encoder_targets)))
             parts[part] = encoder
     if weight_dtype != torch.float32:
         cast_training_params(list(parts.values()), dtype=torch.float32)
@@ -391,7 +389,7 @@ def _train(
         facts = AdapterFacts(
             name=name,
             base_model=base,
-            family=model_family(pipe).value,
+            family=family_of(pipe).name,
             rank=config.rank,
             alpha=config.lora_alpha,
             targets=config.targets,
@@ -522,11 +520,11 @@ def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
 def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
     """Module names for LoRA: every attention projection, or only the cross-attention (`attn2`) ones."""
     if targets == "all":
-        return list(UNET_TARGETS)
+        return list(family_of(unet).unet_targets)
     return sorted(
         name
         for name, _ in unet.named_modules()
-        if name.rpartition("attn2.")[2] in UNET_TARGETS and ".attn2." in name
+        if name.rpartition("attn2.")[2] in family_of(unet).unet_targets and ".attn2." in name
     )
 
 
