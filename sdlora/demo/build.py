@@ -48,7 +48,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.demo import DEMO_MODEL_DIR
-from sdlora.demo.shapes import NATIVE_RESOLUTION, make_dataset
+from sdlora.demo.shapes import NATIVE_RESOLUTION, make_dataset, vae_variety
 from sdlora.demo.tokenizer import build_tokenizer, write_tokenizer_files
 from sdlora.files import atomic_replace_dir
 
@@ -80,13 +80,14 @@ class BuildConfig:
     """
 
     dataset_size: int = 40_000
+    vae_variety_size: int = 10_000  # held-back shapes, styles and backgrounds that only the VAE sees
     vae_steps: int = 800
-    vae_minutes: float = 8.0
+    vae_minutes: float = 10.0
     vae_batch: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     unet_steps: int = 6_000
-    unet_minutes: float = 25.0
+    unet_minutes: float = 35.0
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -102,6 +103,7 @@ class BuildConfig:
 
 QUICK_CONFIG = BuildConfig(
     dataset_size=2_000,
+    vae_variety_size=500,
     vae_steps=60,
     vae_minutes=0.5,
     vae_batch=32,
@@ -438,8 +440,9 @@ def write_model_card(model_dir: Path) -> None:
 
 A tiny Stable Diffusion 1.x-style model trained from scratch by `python -m sdlora.demo.build` on procedural
 images of filled circles, squares, triangles, diamonds and crosses in red, orange, yellow, green, blue,
-purple and black on plain backgrounds (`sdlora/demo/shapes.py`). Stars, rings and the outlined / striped
-styles were deliberately left out, for LoRA training examples (`training_data/`).
+purple and black on plain backgrounds (`sdlora/demo/shapes.py`). Stars, rings, the outlined / striped
+styles and dark backgrounds were left out of the U-Net's data, for LoRA training examples (`training_data/`);
+the VAE saw them, so a LoRA that teaches them can draw them.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("sdlora/demo/model")  # fp16 files load as float32
@@ -500,7 +503,10 @@ def build_demo_model(
     images = to_model_space(images_u8)
     log(f"dataset: {len(captions)} images, e.g. {captions[:3]}")
 
-    vae, vae_info = train_vae(images, config, generator, device)
+    variety = to_model_space(vae_variety(config.vae_variety_size, seed=seed + 1))
+    # Held-out images for the VAE's reconstruction figure: half from each source.
+    half = 256
+    vae, vae_info = train_vae(torch.cat([variety[:half], images, variety[half:]]), config, generator, device)
     mean, std = encode_latents(vae, images, device)
     scaling_factor = float(1 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
     vae.register_to_config(scaling_factor=scaling_factor)
