@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,3 +48,42 @@ def image_grid(labeled: list[tuple[str, Image.Image]], columns: int | None = Non
 def labeled_parameters(labeled: Sequence[tuple[str, Image.Image]]) -> str:
     """The generation parameters of several images in one text, each under its label."""
     return "\n\n".join(f"[{label}]\n{image.info.get('parameters', '')}" for label, image in labeled)
+
+
+# AUTOMATIC1111's "key: value, key: value" line (values may be quoted), the last line of its text.
+_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_parameters(image: Image.Image | str | Path) -> dict[str, str]:
+    """The generation parameters a PNG carries (A1111's `parameters` text, as sdlora, A1111, Forge and
+    ComfyUI's A1111-format savers write it): 'Prompt', 'Negative prompt', then each 'Key: value'."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            return read_parameters(opened)
+    text = image.info.get("parameters", "")
+    return parse_parameters(text) if isinstance(text, str) else {}
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    lines = text.strip().split("\n")
+    fields: dict[str, str] = {}
+    if lines and _PARAMETER.findall(lines[-1]) and "Steps:" in lines[-1]:
+        fields.update({key.strip(): value.strip().strip('"') for key, value in _PARAMETER.findall(lines[-1])})
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line.removeprefix("Negative prompt:").strip()
+        (negative if in_negative else prompt).append(line)
+    return {"Prompt": "\n".join(prompt).strip(), "Negative prompt": "\n".join(negative).strip(), **fields}
+
+
+def image_history(folder: str | Path, limit: int = 200) -> list[tuple[Path, dict[str, str]]]:
+    """Generated images in `folder` (outputs/images), newest first, with their parameters."""
+    folder = Path(folder)
+    paths = (
+        sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
+        if folder.is_dir()
+        else []
+    )
+    return [(path, read_parameters(path)) for path in paths]
