@@ -12,6 +12,7 @@ from PIL import Image
 from sdlora.adapters import AdapterError
 from sdlora.config import ConfigError
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
+from sdlora.generate.generator import size_choices
 from tests.conftest import diffusers_mix
 
 PARAMS = GenerationParams("a photo of sks blob", seed=7, steps=4, guidance=3.0)
@@ -134,3 +135,13 @@ def test_weights_outside_the_range_are_refused_and_change_nothing(generator, wei
         generator.activate({"lora_purple": weight})
     for key, value in generator.pipe.unet.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_sizes_offered_follow_the_base_and_huge_sizes_are_refused(generator):
+    native = generator.native_size
+    choices = size_choices(native)
+    assert choices[0] == f"{native}x{native}"
+    assert all(max(map(int, c.split("x"))) <= 2 * native for c in choices)
+    assert not any("512" in c for c in size_choices(32))  # the demo model is never offered 512 px
+    with pytest.raises(ConfigError, match="too large"):
+        generator.generate(GenerationParams("a blob", steps=1, width=native * 8, height=native))

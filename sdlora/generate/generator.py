@@ -48,6 +48,8 @@ class GenerationParams:
 
 MAX_WEIGHT = 4.0  # adapter weights outside [-4, 4] are refused: no shared LoRA is meant for more
 MAX_IMAGES = 16  # images per sweep, comparison or grid
+MENU_SIDE_FACTOR = 2  # sizes offered in menus: up to 2x the base's native size per side
+MAX_SIDE_FACTOR = 4  # sizes accepted at all (typed): up to 4x; beyond, a base draws tiled repeats, slowly
 
 
 @dataclass
@@ -216,6 +218,7 @@ class Generator:
         self._set_scheduler(params.scheduler)
         width = params.width or self.native_size
         height = params.height or self.native_size
+        check_size(width, height, self.native_size)
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         image = self.pipe(
             text,
@@ -321,6 +324,27 @@ def check_weight(weight: float, label: str) -> float:
             f"The weight of {label} must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, not {weight}."
         )
     return value
+
+
+def size_choices(native: int) -> list[str]:
+    """Sizes worth offering for a base: its native size first, then larger and wider ones up to 2x per
+    side (the demo model's 32 px never gets a 512 px choice that would take minutes and draw noise)."""
+    step = max(8, native // 8)
+    sides = sorted({native, native * 3 // 4 // step * step, native * 3 // 2 // step * step, native * 2})
+    sides = [s for s in sides if 8 <= s <= native * MENU_SIDE_FACTOR]
+    choices = [f"{native}x{native}"] + [f"{s}x{s}" for s in sides if s != native]
+    wide = native * 3 // 2 // step * step
+    choices += [f"{wide}x{native}", f"{native}x{wide}"]
+    return list(dict.fromkeys(choices))
+
+
+def check_size(width: int, height: int, native: int) -> None:
+    """Refuse sizes beyond 4x the base's native size per side, naming the limit."""
+    limit = native * MAX_SIDE_FACTOR
+    if width > limit or height > limit:
+        raise ConfigError(
+            f"{width}x{height} is too large for this base (native {native}x{native}); at most {limit} px per side."
+        )
 
 
 def resolve_seed(seed: int) -> int:
