@@ -145,3 +145,25 @@ def test_sizes_offered_follow_the_base_and_huge_sizes_are_refused(generator):
     assert not any("512" in c for c in size_choices(32))  # the demo model is never offered 512 px
     with pytest.raises(ConfigError, match="too large"):
         generator.generate(GenerationParams("a blob", steps=1, width=native * 8, height=native))
+
+
+def test_stop_ends_an_image_between_steps(generator):
+    from sdlora.generate.generator import GenerationStopped
+
+    seen = []
+    generator.generate(GenerationParams("a blob", steps=1, scheduler="ddim"))  # DDIM in place
+    original = generator.pipe.scheduler.step
+
+    def step(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:
+            generator.stop.set()  # as the Stop button does, from another thread
+        return original(*args, **kwargs)
+
+    generator.pipe.scheduler.step = step
+    try:
+        with pytest.raises(GenerationStopped):
+            generator.generate(GenerationParams("a blob", steps=20, scheduler="ddim"))
+    finally:
+        del generator.pipe.scheduler.step
+    assert len(seen) == 2 and not generator.stop.is_set()  # stopped at once; cleared for the next image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from sdlora.adapters import AdapterError, Compatibility, LoraFile, check_compati
 from sdlora.adapters.inspect import find_layer
 from sdlora.adapters.modules import NetworkModule
 from sdlora.config import ConfigError
+from sdlora.errors import SdloraError
 from sdlora.files import safe_name
 from sdlora.generate.prompts import PromptError, lora_weights
 from sdlora.models import base_label, load_base, native_resolution
@@ -93,6 +95,7 @@ class Generator:
         self.loaded: dict[str, LoadedAdapter] = {}
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> (W0, b0)
         self._active: dict[str, tuple[float, float]] = {}
+        self.stop = threading.Event()  # set by a Stop button (or a page that went away): ends the image
         self.adapter_dir = Path(adapter_dir) if adapter_dir else None  # where <lora:NAME> tags find files
 
     @property
@@ -228,7 +231,11 @@ class Generator:
             width=width,
             height=height,
             generator=generator,
+            callback_on_step_end=_stop_when(self.stop),
         ).images[0]
+        if self.stop.is_set():
+            self.stop.clear()
+            raise GenerationStopped("Stopped: the image was not finished.")
         image.info["parameters"] = self.describe(params, adapters, width, height)
         return image
 
@@ -324,6 +331,21 @@ def check_weight(weight: float, label: str) -> float:
             f"The weight of {label} must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, not {weight}."
         )
     return value
+
+
+class GenerationStopped(SdloraError):
+    """Generation was stopped on request between two denoising steps."""
+
+
+def _stop_when(stop: threading.Event):
+    """A diffusers step-end callback that interrupts the pipeline once `stop` is set."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if stop.is_set():
+            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
+        return tensors
+
+    return callback
 
 
 def size_choices(native: int) -> list[str]:
