@@ -14,10 +14,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
+from sdlora.train.events import Event, StartEvent
 from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder
 
@@ -35,7 +35,7 @@ class Job:
     id: int
     config: TrainConfig
     status: JobStatus = JobStatus.QUEUED
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     result: TrainResult | None = None
     error: str | None = None
     submitted: float = field(default_factory=time.time)
@@ -48,12 +48,12 @@ class Job:
 
     @property
     def run_dir(self) -> Path | None:
-        starts = [e for e in self.events if e["event"] == "start"]
-        return Path(starts[-1]["run"]) if starts else None
+        start = self.last(StartEvent.kind)
+        return Path(start.run) if start else None
 
-    def last(self, event: str) -> dict[str, Any] | None:
+    def last(self, kind: str) -> Event | None:
         """The newest event of a kind ('step', 'sample', ...), or None."""
-        return next((e for e in reversed(self.events) if e["event"] == event), None)
+        return next((e for e in reversed(self.events) if e.kind == kind), None)
 
 
 class JobQueue:
