@@ -119,6 +119,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         _say_demo_model()
     generator = Generator(config.base)
     weights = {generator.load_adapter(path): weight for path, weight in map(parse_lora_arg, config.lora)}
+    for name in weights:
+        for module, reason in generator.skipped(name)[:20]:
+            print(f"note: {name.removeprefix('lora_')}: skipped {module} ({reason})", file=sys.stderr)
     width, height = parse_size(config.size) if config.size else (None, None)
     params = GenerationParams(
         config.prompt,
@@ -171,14 +174,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"{summary['file']}: {summary['format']} layout, for {summary['family']}; {summary['modules']} modules, "
         f"{summary['parameters']:,} parameters, {summary['size_bytes'] / 1024:.1f} KiB"
     )
+    print(f"  network types: {_counts(summary['types'])}; every tensor understood")
     for name, part in summary["components"].items():
         print(
-            f"  {name}: {part['modules']} modules, rank {_counts(part['ranks'])}, alpha {_counts(part['alphas'])}"
+            f"  {name}: {part['modules']} modules ({_counts(part['types'])}), rank {_counts(part['ranks'])}, "
+            f"alpha {_counts(part['alphas'])}"
         )
     if args.modules:
         for name, part in summary["components"].items():
             for module, info in part["per_module"].items():
-                print(f"    {name}.{module}: rank {info['rank']}, alpha {info['alpha']:g}")
+                alpha = "none" if info["alpha"] is None else f"{info['alpha']:g}"
+                print(f"    {name}.{module}: {info['type']}, {info['sizes']}, alpha {alpha}")
     if summary["facts"]:
         print("Training facts:")
         for key, value in summary["facts"].items():
@@ -188,12 +194,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     fit = summary.get("compatibility")
     if fit:
         mapped = ", ".join(f"{k} {v}" for k, v in fit["mapped"].items())
+        verdict = (
+            "DOES NOT FIT" if not fit["ok"] else "fits, some modules skipped" if fit["unmapped"] else "fits"
+        )
         print(
-            f"Against the base ({fit['base_family']}): {'fits' if fit['ok'] else 'DOES NOT FIT'}; "
-            f"modules mapped: {mapped}; not mapped: {len(fit['unmapped'])}"
+            f"Against the base ({fit['base_family']}): {verdict}; "
+            f"modules mapped: {mapped}; not in the base: {len(fit['unmapped'])}"
         )
         for line in fit["unmapped"][:20]:
-            print(f"  not mapped: {line}")
+            print(f"  {'skipped' if fit['ok'] else 'does not fit'}: {line}")
         return 0 if fit["ok"] else 1
     return 0
 
@@ -315,9 +324,7 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="Re-factorise to this rank by SVD (reports the error); default: concatenate ranks.",
     )
-    merge.add_argument(
-        "--format", choices=FILE_FORMATS, default="diffusers", help="Layout of the merged LoRA."
-    )
+    merge.add_argument("--format", choices=FILE_FORMATS, default="kohya", help="Layout of the merged LoRA.")
     merge.add_argument(
         "--into-model", action="store_true", help="Fuse into the base and save a diffusers folder."
     )

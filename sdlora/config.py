@@ -13,9 +13,8 @@ from typing import Any
 from sdlora.errors import SdloraError
 from sdlora.outputs import DEFAULT_OUTPUTS as OUTPUTS_DIR
 
-# Adapter layouts: single files (diffusers' load_lora_weights; kohya for AUTOMATIC1111 and ComfyUI), and
-# peft's folders. Here rather than in sdlora.adapters so the CLI can offer them without importing torch.
-FILE_FORMATS = ("diffusers", "kohya")
+# Adapter layouts: single files (kohya: every tool; diffusers: load_lora_weights), and peft's folders. Here rather than in sdlora.adapters so the CLI can offer them without importing torch.
+FILE_FORMATS = ("kohya", "diffusers")
 FORMATS = (*FILE_FORMATS, "peft")
 
 
@@ -59,8 +58,9 @@ class TrainConfig:
         None, "Where to write the adapter (.safetensors). Default: OUTPUTS/adapters/NAME.safetensors."
     )
     adapter_format: str = option(
-        "diffusers",
-        "Adapter file layout: diffusers, or kohya (AUTOMATIC1111, ComfyUI).",
+        "kohya",
+        "Adapter file layout: kohya (loads in AUTOMATIC1111, Forge, ComfyUI, kohya sd-scripts and diffusers, "
+        "with the true alpha), or diffusers (alpha folded into the weights, for diffusers-only pipelines).",
         choices=FILE_FORMATS,
     )
     class_prompt: str | None = option(None, "Class prompt for prior preservation (e.g. 'a photo of a dog').")

@@ -86,3 +86,17 @@ def adapter_learned(path) -> torch.Tensor:
     """All LoRA B weights of an adapter file: they start at zero, so they hold what training learned."""
     weights = load_file(path)
     return torch.cat([weights[key].flatten() for key in sorted(weights) if "lora_B" in key])
+
+
+def diffusers_mix(base: str, weights: list[tuple[Path, float]]):
+    """An independent reference: a fresh pipeline with the adapter files loaded by diffusers' own
+    `load_lora_weights` and mixed with `set_adapters` (LoRA applied on the fly, base untouched)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    names = []
+    for index, (path, _) in enumerate(weights):
+        pipe.load_lora_weights(str(path), adapter_name=f"reference{index}")
+        names.append(f"reference{index}")
+    pipe.set_adapters(names, adapter_weights=[w for _, w in weights])
+    return pipe

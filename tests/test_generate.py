@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdlora.adapters import AdapterError
+from sdlora.config import ConfigError
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
 from sdlora.train import train
-from tests.conftest import draw_blob, train_config
+from tests.conftest import diffusers_mix, draw_blob, train_config
 
 PARAMS = GenerationParams("a photo of sks blob", seed=7, steps=4, guidance=3.0)
 
@@ -114,13 +116,39 @@ def test_only_safetensors_adapters_load(generator, tmp_path):
         generator.load_adapter(broken)
 
 
-def test_fused_and_unfused_stacks_draw_the_same(tiny_base, two_adapters):
-    """Folding the mix into the base weights is a speed-up only: same images, and sliders still work."""
-    fused, live = Generator(tiny_base, fuse=True), Generator(tiny_base, fuse=False)
-    for generator in (fused, live):
-        for path in two_adapters:
-            generator.load_adapter(path)
-    for weights in ({"lora_purple": 0.8, "lora_green": 0.5}, {"lora_purple": 0.2, "lora_green": 1.2}, {}):
-        a, b = fused.generate(PARAMS, weights), live.generate(PARAMS, weights)
+def test_stacks_draw_what_diffusers_own_loader_draws(tiny_base, two_adapters):
+    """The Generator writes the mix into the weights; diffusers applies the same files on the fly
+    (its own loader and set_adapters): the images agree, and sliders move both alike."""
+    ours = Generator(tiny_base)
+    names = [ours.load_adapter(path) for path in two_adapters]
+    for mix in ((0.8, 0.5), (0.2, 1.2), (0.0, 0.0)):
+        weights = list(zip(two_adapters, mix, strict=True))
+        reference = Generator(diffusers_mix(tiny_base, weights))
+        a = ours.generate(PARAMS, dict(zip(names, mix, strict=True)))
+        b = reference.generate(PARAMS)
         assert np.abs(pixels(a) - pixels(b)).max() <= 1
-    assert fused._fused is None  # back to the plain base after the last (empty) mix
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_two_hundred_mixes_leave_the_base_bit_identical(tiny_base, two_adapters, dtype):
+    """Mixes are computed from pristine weights, never by subtracting what was added: after any history
+    (extreme weights included), the base with no adapter is exactly a fresh load."""
+    fresh = {k: v.clone() for k, v in Generator(tiny_base, dtype=dtype).pipe.unet.state_dict().items()}
+    generator = Generator(tiny_base, dtype=dtype)
+    names = [generator.load_adapter(path) for path in two_adapters]
+    rng = np.random.default_rng(0)
+    for step in range(200):
+        mix = {name: float(w) for name, w in zip(names, rng.uniform(-4, 4, size=2), strict=True)}
+        generator.activate(mix if step % 7 else {names[0]: 4.0})
+    generator.activate({})
+    for key, value in generator.pipe.unet.state_dict().items():
+        assert torch.equal(value, fresh[key]), key
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), 10000.0, -4.5, "x"])
+def test_weights_outside_the_range_are_refused_and_change_nothing(generator, weight):
+    before = {k: v.clone() for k, v in generator.pipe.unet.state_dict().items()}
+    with pytest.raises(ConfigError, match="lora_purple|purple"):
+        generator.activate({"lora_purple": weight})
+    for key, value in generator.pipe.unet.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -49,8 +49,17 @@ class AdapterFacts:
     text_encoder: bool = False
     seed: int = 0
     tag_frequency: str = "{}"  # JSON {tag: count} over the training captions, for kohya's ss_tag_frequency
+    epochs: int = 0  # passes over the (repeated) training images
+    dataset_dirs: str = "{}"  # JSON {folder: {"n_repeats": r, "img_count": n}}, kohya's ss_dataset_dirs
     version: str = sdlora.__version__
     created: str = dataclasses.field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def started_at(self) -> int:
+        """`created` as Unix seconds (kohya's ss_training_started_at)."""
+        try:
+            return int(datetime.fromisoformat(self.created).timestamp())
+        except ValueError:
+            return 0
 
     def to_metadata(self) -> dict[str, str]:
         return {FACTS_PREFIX + key: _to_text(value) for key, value in dataclasses.asdict(self).items()}

@@ -14,6 +14,7 @@ converting never loses alpha (diffusers' `convert_state_dict_to_kohya` writes al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -26,6 +27,7 @@ from peft import LoraConfig
 from safetensors.torch import save as safetensors_bytes
 
 from sdlora.adapters.files import FACTS_PREFIX, AdapterError, AdapterFacts, lora_config_metadata, read_adapter
+from sdlora.adapters.modules import LoraModule, NetworkModule, module_from_tensors
 from sdlora.config import FORMATS
 from sdlora.files import atomic_write_bytes, atomic_write_text
 
@@ -65,6 +67,15 @@ _COMPOUNDS = (
     "add_v_proj",
 )
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# Longest first; LyCORIS's own networks (`create_lycoris` on a U-Net) name theirs `lycoris_`.
+_KOHYA_READ_PREFIXES = (
+    ("text_encoder_2", "lora_te2_"),
+    ("text_encoder", "lora_te1_"),
+    ("text_encoder", "lora_te_"),
+    ("unet", "lora_unet_"),
+    ("unet", "lycoris_"),
+)
+KOHYA_PREFIXES = tuple(prefix for _, prefix in _KOHYA_READ_PREFIXES)
 _KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _MODELSPEC_ARCH = {
     "sd1": "stable-diffusion-v1",
@@ -74,31 +85,15 @@ _MODELSPEC_ARCH = {
 
 
 @dataclass
-class LoraModule:
-    down: torch.Tensor  # lora_A / lora_down: (rank, in_features)
-    up: torch.Tensor  # lora_B / lora_up: (out_features, rank)
-    alpha: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """The weight change this module adds: (alpha / rank) · up @ down."""
-        up, down = self.up.flatten(1).float(), self.down.flatten(1).float()
-        return (self.alpha / self.rank) * up @ down
-
-
-@dataclass
 class LoraFile:
-    """An adapter independent of its layout: `component.module` -> LoraModule, plus the file's metadata."""
+    """An adapter independent of its layout: `component.module` -> its module, plus the file's metadata."""
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, NetworkModule]
     metadata: dict[str, str] = field(default_factory=dict)
     format: str = "diffusers"
 
-    def components(self) -> dict[str, dict[str, LoraModule]]:
-        parts: dict[str, dict[str, LoraModule]] = {}
+    def components(self) -> dict[str, dict[str, NetworkModule]]:
+        parts: dict[str, dict[str, NetworkModule]] = {}
         for key, module in self.modules.items():
             component, name = key.split(".", 1)
             parts.setdefault(component, {})[name] = module
@@ -107,6 +102,18 @@ class LoraFile:
     @property
     def facts(self) -> AdapterFacts | None:
         return AdapterFacts.from_metadata(self.metadata)
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """How many modules of each network type ('LoRA', 'LoHa+DoRA', ...)."""
+        return dict(Counter(m.label for m in self.modules.values()))
+
+    @property
+    def plain_lora(self) -> bool:
+        """Only plain LoRA modules: the diffusers and peft layouts can hold it."""
+        return all(
+            type(m) is LoraModule and m.mid is None and m.dora_scale is None for m in self.modules.values()
+        )
 
 
 def lora_from_peft(
@@ -117,7 +124,7 @@ def lora_from_peft(
     for component, (state, alpha) in parts.items():
         for module, down, up in _peft_pairs(state):
             modules[f"{component}.{module}"] = LoraModule(
-                down.detach().to("cpu", copy=True), up.detach().to("cpu", copy=True), float(alpha)
+                float(alpha), down=down.detach().to("cpu", copy=True), up=up.detach().to("cpu", copy=True)
             )
     return LoraFile(modules, metadata)
 
@@ -139,39 +146,39 @@ def _peft_pairs(state: dict[str, torch.Tensor]):
 
 
 def read_lora(path: str | Path) -> LoraFile:
-    """Read a LoRA in any of the three layouts (a peft folder, or a .safetensors file)."""
+    """Read an adapter in any common layout (a peft folder, or a .safetensors file)."""
     path = Path(path)
     if path.is_dir():
         return _read_peft_folder(path)
     tensors, metadata = read_adapter(path)
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in tensors):
+    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
         return LoraFile(_modules_from_kohya(tensors, path), metadata, "kohya")
     return LoraFile(_modules_from_diffusers(tensors, metadata, path), metadata, "diffusers")
 
 
-def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, LoraModule]:
+def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, NetworkModule]:
+    """kohya / LyCORIS keys: `<prefix><module_with_underscores>.<tensor kind>`; every kind is understood
+    (LoRA, LoCon with Tucker `lora_mid`, LoHa, LoKr, full diffs, DoRA scales) or the file is refused."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, kind = key.partition(".")
         grouped.setdefault(name, {})[kind] = value
     modules = {}
     for name, parts in grouped.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise AdapterError(f"{path}: kohya module {name} lacks its lora_down/lora_up pair.")
-        component, module = _kohya_module_name(name)
-        down = parts["lora_down.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
-        modules[f"{component}.{module}"] = LoraModule(down, parts["lora_up.weight"], alpha)
+        module = module_from_tensors(parts)
+        if isinstance(module, str):
+            raise AdapterError(
+                f"{path}: module {name} {module}; sdlora refuses the file rather than drop it."
+            )
+        component, target = _kohya_module_name(name)
+        if isinstance(module, LoraModule) and module.alpha is None:
+            module.alpha = float(module.rank)
+        modules[f"{component}.{target}"] = module
     return modules
 
 
 def _kohya_module_name(name: str) -> tuple[str, str]:
-    for component, prefix in (
-        ("text_encoder_2", "lora_te2_"),
-        ("text_encoder", "lora_te1_"),
-        ("text_encoder", "lora_te_"),
-        ("unet", "lora_unet_"),
-    ):
+    for component, prefix in _KOHYA_READ_PREFIXES:
         if name.startswith(prefix):
             return component, _unflatten(name[len(prefix) :])
     raise AdapterError(f"Unrecognised kohya key {name!r}.")
@@ -212,9 +219,12 @@ _DIFFUSERS_SUFFIXES = (
 
 def _modules_from_diffusers(
     tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path
-) -> dict[str, LoraModule]:
+) -> dict[str, NetworkModule]:
+    """diffusers / peft keys (`unet.<module>.lora_A.weight`, ...), peft's DoRA `lora_magnitude_vector`;
+    a tensor that is none of these is named and the file refused, never dropped."""
     configs = _configs_from_metadata(metadata)
     alphas = {k.removesuffix(".alpha"): float(v.item()) for k, v in tensors.items() if k.endswith(".alpha")}
+    used = {k for k in tensors if k.endswith(".alpha")}
     modules = {}
     for key, down in tensors.items():
         for down_suffix, up_suffix in _DIFFUSERS_SUFFIXES:
@@ -227,11 +237,29 @@ def _modules_from_diffusers(
                 module = strip_text_model(module.replace(".processor.", "."))
                 rank = int(down.shape[0])
                 alpha = alphas.get(stem, _config_alpha(configs.get(component), module, rank))
-                modules[f"{component}.{module}"] = LoraModule(down, up, alpha)
+                magnitude = _magnitude(tensors, stem)
+                modules[f"{component}.{module}"] = LoraModule(
+                    alpha, dora_scale=None if magnitude is None else magnitude[1], down=down, up=up
+                )
+                used.update({key, stem + up_suffix} | ({magnitude[0]} if magnitude else set()))
                 break
     if not modules:
         raise AdapterError(f"{path}: no LoRA weights found (neither diffusers nor kohya key names).")
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise AdapterError(
+            f"{path}: {len(leftover)} tensor(s) of a kind sdlora does not understand, e.g. {leftover[0]}; "
+            "the file is refused rather than loaded without them."
+        )
     return modules
+
+
+def _magnitude(tensors: dict[str, torch.Tensor], stem: str) -> tuple[str, torch.Tensor] | None:
+    """peft's DoRA magnitude for a module (`lora_magnitude_vector`, with or without `.weight`)."""
+    for suffix in (".lora_magnitude_vector.weight", ".lora_magnitude_vector"):
+        if stem + suffix in tensors:
+            return stem + suffix, tensors[stem + suffix]
+    return None
 
 
 def _configs_from_metadata(metadata: dict[str, str]) -> dict[str, dict]:
@@ -271,7 +299,7 @@ def _read_peft_folder(folder: Path) -> LoraFile:
         metadata.update(file_metadata)
         for module, down, up in _peft_pairs(tensors):
             modules[f"{component}.{module}"] = LoraModule(
-                down, up, _config_alpha(config, module, down.shape[0])
+                _config_alpha(config, module, down.shape[0]), down=down, up=up
             )
     return LoraFile(modules, metadata, "peft")
 
@@ -280,10 +308,18 @@ def _read_peft_folder(folder: Path) -> LoraFile:
 
 
 def write_lora(lora: LoraFile, out: str | Path, fmt: str) -> Path:
-    """Write `lora` in `fmt` ('diffusers' or 'kohya': a .safetensors file; 'peft': a folder), atomically."""
+    """Write `lora` in `fmt` ('kohya' or 'diffusers': a .safetensors file; 'peft': a folder), atomically.
+
+    kohya holds every network type (LyCORIS key names); diffusers and peft hold plain LoRA only.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown format {fmt!r}; choose from {', '.join(FORMATS)}.")
     out = Path(out)
+    if fmt != "kohya" and not lora.plain_lora:
+        kinds = ", ".join(sorted(lora.kinds))
+        raise AdapterError(
+            f"{out}: the {fmt} layout holds plain LoRA only, this adapter has {kinds}; use kohya."
+        )
     if fmt == "peft":
         return _write_peft_folder(lora, out)
     if out.suffix != ".safetensors":
@@ -294,45 +330,48 @@ def write_lora(lora: LoraFile, out: str | Path, fmt: str) -> Path:
 
 def peft_config_for(modules: dict[str, LoraModule]) -> LoraConfig:
     """A LoraConfig naming exactly these modules, with rank/alpha patterns where a module differs."""
+    alphas = {name: _alpha(m) for name, m in modules.items()}
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(modules),
         rank_pattern={name: m.rank for name, m in modules.items() if m.rank != rank},
-        alpha_pattern={name: m.alpha for name, m in modules.items() if m.alpha != alpha},
+        alpha_pattern={name: a for name, a in alphas.items() if a != alpha},
     )
+
+
+def _alpha(module: NetworkModule) -> float:
+    return float(module.rank) if module.alpha is None else float(module.alpha)
+
+
+def folded(lora: LoraFile) -> LoraFile:
+    """The same adapter with each module's alpha / rank folded into its up matrix (alpha = rank).
+
+    Readers that ignore alpha metadata (diffusers 0.32, a state dict handed to `load_lora_weights`)
+    then apply exactly the trained strength instead of a silently different one.
+    """
+    modules = {
+        key: LoraModule(float(m.rank), down=m.down, up=(m.up.float() * m.scale).to(m.up.dtype))
+        for key, m in lora.modules.items()
+    }
+    return LoraFile(modules, lora.metadata, lora.format)
 
 
 def _to_diffusers(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     config_meta: dict[str, object] = {}
-    for component, modules in lora.components().items():
+    for component, modules in folded(lora).components().items():
         for name, module in modules.items():
             key = f"{component}.{_file_module_name(component, name)}"
             tensors[f"{key}.lora_A.weight"] = module.down.contiguous()
             tensors[f"{key}.lora_B.weight"] = module.up.contiguous()
         config = lora_config_metadata(peft_config_for(modules))
         config_meta.update({f"{component}.{k}": v for k, v in config.items()})
-    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith(("ss_", "modelspec."))}
+    metadata = {k: v for k, v in lora.metadata.items() if not k.startswith(("ss_", "sshs_", "modelspec."))}
     metadata.update({"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config_meta, sort_keys=True)})
     return tensors, metadata
-
-
-def diffusers_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """diffusers-layout tensors with each module's alpha / rank folded into its up matrix.
-
-    For handing to `load_lora_weights` as a dict, where no metadata travels: the folded weights give
-    exactly the same delta with the loader's default alpha = rank.
-    """
-    tensors = {}
-    for key, module in lora.modules.items():
-        component, name = key.split(".", 1)
-        stem = f"{component}.{_file_module_name(component, name)}"
-        tensors[f"{stem}.lora_A.weight"] = module.down.float()
-        tensors[f"{stem}.lora_B.weight"] = module.up.float() * (module.alpha / module.rank)
-    return tensors
 
 
 def _file_module_name(component: str, module: str) -> str:
@@ -340,36 +379,53 @@ def _file_module_name(component: str, module: str) -> str:
     return f"text_model.{module}" if component.startswith("text_encoder") else module
 
 
-def _to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    sdxl = "text_encoder_2" in lora.components() or (lora.facts and lora.facts.family == "sdxl")
+def kohya_key(component: str, module: str, sdxl: bool) -> str:
+    """The flat kohya name of a module: `lora_unet_down_blocks_0_..._to_q`, `lora_te1_text_model_...`."""
     prefixes = {**_KOHYA_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_"}
+    return prefixes[component] + _file_module_name(component, module).replace(".", "_")
+
+
+def _to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    sdxl = "text_encoder_2" in lora.components() or bool(lora.facts and lora.facts.family == "sdxl")
     tensors: dict[str, torch.Tensor] = {}
     for key, module in lora.modules.items():
         component, name = key.split(".", 1)
-        flat = prefixes[component] + _file_module_name(component, name).replace(".", "_")
-        tensors[f"{flat}.lora_down.weight"] = module.down.contiguous()
-        tensors[f"{flat}.lora_up.weight"] = module.up.contiguous()
-        tensors[f"{flat}.alpha"] = torch.tensor(float(module.alpha))
-    return tensors, kohya_metadata(lora)
+        flat = kohya_key(component, name, sdxl)
+        tensors.update({f"{flat}.{suffix}": value for suffix, value in module.tensors().items()})
+    metadata = kohya_metadata(lora)
+    metadata["sshs_model_hash"] = tensor_hash(tensors)
+    return tensors, metadata
+
+
+def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a safetensors file's tensor data (after the header), as kohya's `sshs_model_hash`
+    and AUTOMATIC1111's addnet hash compute it: the same whatever the metadata says."""
+    data = safetensors_bytes(tensors)
+    header = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + header :]).hexdigest()
 
 
 def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     """kohya's `ss_*` keys and the `modelspec.*` header, from sdlora's training facts where present."""
     facts = lora.facts
     ranks = Counter(m.rank for m in lora.modules.values())
-    alphas = Counter(m.alpha for m in lora.modules.values())
+    alphas = Counter(_alpha(m) for m in lora.modules.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    network = (
+        {"networks.lora": "LoRA"} if lora.plain_lora else {"lycoris.kohya": ",".join(sorted(lora.kinds))}
+    )
     family = facts.family if facts else "sd1"
     name = facts.name if facts else "lora"
     metadata = {k: v for k, v in lora.metadata.items() if k.startswith(FACTS_PREFIX)}
     metadata.update(
         {
-            "ss_network_module": "networks.lora",
+            "ss_network_module": next(iter(network)),
             "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}",
             "ss_base_model_version": _KOHYA_BASE_VERSION.get(family, "sd_v1"),
             "ss_v2": str(family == "sd2"),
             "ss_output_name": name,
+            "ss_clip_skip": "None",
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": f"{_MODELSPEC_ARCH.get(family, 'stable-diffusion-v1')}/lora",
             "modelspec.implementation": "diffusers",
@@ -385,6 +441,9 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
                 "ss_num_train_images": str(facts.image_count),
                 "ss_resolution": f"({facts.resolution}, {facts.resolution})",
                 "ss_seed": str(facts.seed),
+                "ss_num_epochs": str(facts.epochs),
+                "ss_training_started_at": str(facts.started_at()),
+                "ss_dataset_dirs": facts.dataset_dirs,
                 "ss_training_comment": f"trigger words: {facts.trigger_words}",
                 "ss_tag_frequency": json.dumps({name: json.loads(facts.tag_frequency or "{}")}),
                 "modelspec.trigger_phrase": facts.trigger_words,
@@ -393,6 +452,8 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
                 "modelspec.prediction_type": "v" if family == "sd2" else "epsilon",
             }
         )
+    if not lora.plain_lora:
+        metadata["ss_network_args"] = json.dumps({"algo": network["lycoris.kohya"]})
     return metadata
 
 

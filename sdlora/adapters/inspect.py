@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import DiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
@@ -26,14 +28,14 @@ _CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 def guess_family(lora: LoraFile) -> str:
     """'sd1', 'sd2', 'sdxl', or 'other (N-wide text)' from the keys and the cross-attention input width."""
     components = lora.components()
-    if "text_encoder_2" in components:
-        return "sdxl"
     for name, module in components.get("unet", {}).items():
         if ".attn2.to_k" in f".{name}" or ".attn2.to_v" in f".{name}":
-            width = int(module.down.shape[1])
+            width = int(module.shape[1])
             return _CROSS_WIDTH_FAMILY.get(width, f"other ({width}-wide text)")
+    if "text_encoder_2" in components:
+        return "sdxl"
     if "text_encoder" in components:
-        width = int(next(iter(components["text_encoder"].values())).down.shape[1])
+        width = int(next(iter(components["text_encoder"].values())).shape[1])
         return {768: "sd1", 1024: "sd2"}.get(width, f"other ({width}-wide text encoder)")
     return "unknown"
 
@@ -57,21 +59,57 @@ class Compatibility:
     unmapped: list[tuple[str, str]] = field(default_factory=list)  # (module, reason)
 
     @property
+    def family_mismatch(self) -> bool:
+        """The file's family is known and differs from the base's: refused even where some shapes fit."""
+        return self.lora_family != "unknown" and self.lora_family != self.base_family
+
+    @property
     def ok(self) -> bool:
-        return not self.unmapped and sum(self.mapped.values()) > 0
+        """The family matches and most modules fit: the rest are skipped (and listed) when loading."""
+        fitting = sum(self.mapped.values())
+        return not self.family_mismatch and fitting > 0 and fitting >= len(self.unmapped)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """Modules left out when a fitting adapter is loaded."""
+        return self.unmapped if self.ok else []
 
     def explain(self, what: str, base: str) -> str:
+        """Why `what` does not fit `base`, or which of its modules will be skipped; never both."""
         total = sum(self.mapped.values()) + len(self.unmapped)
         examples = "; ".join(f"{name} ({reason})" for name, reason in self.unmapped[:3])
-        return (
-            f"{what} is a LoRA for {self.lora_family} but the base {base} is {self.base_family}: "
-            f"{len(self.unmapped)} of {total} modules do not fit, e.g. {examples}. "
-            "Use a base of the family the LoRA was trained on."
-        )
+        if self.family_mismatch:
+            return (
+                f"{what} is a LoRA for {self.lora_family} but the base {base} is {self.base_family}: "
+                f"{len(self.unmapped)} of {total} modules do not fit, e.g. {examples}. "
+                f"Use a base of the {self.lora_family} family."
+            )
+        if not self.ok:
+            return (
+                f"{what} does not fit the base {base} ({self.base_family}): {len(self.unmapped)} of {total} "
+                f"modules do not fit, e.g. {examples}. It was made for a different model."
+            )
+        if self.unmapped:
+            return (
+                f"{what}: {len(self.unmapped)} of {total} modules are not in the base {base} and were "
+                f"skipped: {examples}; the other {total - len(self.unmapped)} are loaded."
+            )
+        return f"{what}: all {total} modules fit the base {base}."
+
+
+def layer_index(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """A model's layers by the names adapters use (text encoders without transformers' `text_model.`)."""
+    return {strip_text_model(name): getattr(m, "base_layer", m) for name, m in model.named_modules()}
+
+
+def find_layer(pipe: DiffusionPipeline, key: str) -> torch.nn.Module:
+    """The layer of `pipe` that adapter module `component.module` changes."""
+    component, name = key.split(".", 1)
+    return layer_index(getattr(pipe, component))[name]
 
 
 def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibility:
-    """Match every LoRA module to the base module of the same name and shape."""
+    """Match every adapter module to the base layer of the same name and shape."""
     report = Compatibility(guess_family(lora), base_family(pipe))
     for component, modules in lora.components().items():
         model = getattr(pipe, component, None)
@@ -80,20 +118,16 @@ def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibilit
                 (f"{component}.{name}", f"the base has no {component}") for name in modules
             )
             continue
-        targets = {strip_text_model(name): m for name, m in model.named_modules()}
+        targets = layer_index(model)
         mapped = 0
         for name, module in modules.items():
-            target = targets.get(name)
-            weight = getattr(getattr(target, "base_layer", target), "weight", None)
-            expected = (int(module.up.shape[0]), int(module.down.shape[1]))
+            weight = getattr(targets.get(name), "weight", None)
+            shape = module.shape
             if weight is None:
                 report.unmapped.append((f"{component}.{name}", "no such layer in the base"))
-            elif tuple(weight.shape[:2]) != expected:
+            elif shape[0] != weight.shape[0] or math.prod(shape[1:]) != math.prod(weight.shape[1:]):
                 report.unmapped.append(
-                    (
-                        f"{component}.{name}",
-                        f"LoRA {expected[1]}->{expected[0]}, base {weight.shape[1]}->{weight.shape[0]}",
-                    )
+                    (f"{component}.{name}", f"adapter {tuple(shape)}, base {tuple(weight.shape)}")
                 )
             else:
                 mapped += 1
@@ -110,9 +144,13 @@ def summarize(path: str | Path, pipe: DiffusionPipeline | None = None) -> dict[s
     for component, modules in lora.components().items():
         components[component] = {
             "modules": len(modules),
+            "types": dict(Counter(m.label for m in modules.values())),
             "ranks": dict(Counter(str(m.rank) for m in modules.values())),
-            "alphas": dict(Counter(f"{m.alpha:g}" for m in modules.values())),
-            "per_module": {name: {"rank": m.rank, "alpha": m.alpha} for name, m in modules.items()},
+            "alphas": dict(Counter(_alpha_text(m) for m in modules.values())),
+            "per_module": {
+                name: {"type": m.label, "sizes": m.sizes(), "rank": m.rank, "alpha": m.alpha}
+                for name, m in modules.items()
+            },
         }
     summary: dict[str, Any] = {
         "file": str(path),
@@ -120,7 +158,9 @@ def summarize(path: str | Path, pipe: DiffusionPipeline | None = None) -> dict[s
         "family": guess_family(lora),
         "size_bytes": _size(Path(path)),
         "modules": len(lora.modules),
-        "parameters": sum(m.down.numel() + m.up.numel() for m in lora.modules.values()),
+        "types": lora.kinds,
+        "all_understood": True,  # read_lora refuses any tensor kind it does not understand
+        "parameters": sum(m.parameters for m in lora.modules.values()),
         "components": components,
         "facts": dataclasses.asdict(facts) if facts else None,
         "lora_config": json.loads(metadata[LORA_ADAPTER_METADATA_KEY])
@@ -137,10 +177,15 @@ def summarize(path: str | Path, pipe: DiffusionPipeline | None = None) -> dict[s
         summary["compatibility"] = {
             "base_family": report.base_family,
             "ok": report.ok,
+            "explanation": report.explain(str(path), "given"),
             "mapped": report.mapped,
             "unmapped": [f"{name}: {reason}" for name, reason in report.unmapped],
         }
     return summary
+
+
+def _alpha_text(module) -> str:
+    return "none (scale 1)" if module.alpha is None else f"{module.alpha:g}"
 
 
 def _size(path: Path) -> int:

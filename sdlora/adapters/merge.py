@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapters.files import FACTS_PREFIX
-from sdlora.adapters.formats import LoraFile, LoraModule
+from sdlora.adapters.files import FACTS_PREFIX, AdapterError
+from sdlora.adapters.formats import LoraFile
+from sdlora.adapters.modules import FullModule, LoraModule, NetworkModule
 from sdlora.files import atomic_replace_dir
 
 
@@ -31,17 +32,24 @@ def merge_loras(
     if not adapters:
         raise ValueError("Nothing to merge.")
     names = sorted({key for lora, _ in adapters for key in lora.modules})
-    merged: dict[str, LoraModule] = {}
+    merged: dict[str, NetworkModule] = {}
     errors = []
     for key in names:
         parts = [(lora.modules[key], weight) for lora, weight in adapters if key in lora.modules]
-        if rank is None:
-            up = torch.cat([m.up.flatten(1).float() * (w * m.alpha / m.rank) for m, w in parts], dim=1)
+        if any(m.dora_scale is not None for m, _ in parts):
+            raise AdapterError(
+                f"{key}: DoRA modules depend on the base weights; fuse them into a model instead."
+            )
+        if rank is None and all(type(m) is LoraModule and m.mid is None for m, _ in parts):
+            up = torch.cat([m.up.flatten(1).float() * (w * m.scale) for m, w in parts], dim=1)
             down = torch.cat([m.down.flatten(1).float() for m, _ in parts], dim=0)
-            merged[key] = LoraModule(down, up, float(down.shape[0]))
+            merged[key] = LoraModule(float(down.shape[0]), down=down, up=up)
+            errors.append(0.0)
+        elif rank is None:  # LoHa, LoKr, Tucker: their sum is no low-rank product; keep it whole, exactly
+            merged[key] = FullModule(diff=sum(w * m.delta() for m, w in parts))
             errors.append(0.0)
         else:
-            delta = sum(w * m.delta() for m, w in parts)
+            delta = sum(w * m.delta().flatten(1) for m, w in parts)
             module, error = _svd_factorise(delta, rank)
             merged[key] = module
             errors.append(error)
@@ -57,16 +65,15 @@ def _svd_factorise(delta: torch.Tensor, rank: int) -> tuple[LoraModule, float]:
     down = vh[:k].float()
     norm = torch.linalg.norm(delta.double())
     error = float(torch.linalg.norm(delta.double() - up.double() @ down.double()) / norm) if norm > 0 else 0.0
-    return LoraModule(down, up, float(k)), error
+    return LoraModule(float(k), down=down, up=up), error
 
 
 def fuse_into_base(base: str | None, adapters: list[tuple[str | Path, float]], out: str | Path) -> Path:
     """Fold adapters at weights into the base's weights and save a full diffusers pipeline folder."""
     from sdlora.generate import Generator  # here, not at the top: generate imports this package
 
-    generator = Generator(base, device="cpu", dtype=torch.float32, fuse=True)
-    generator.activate({generator.load_adapter(path): weight for path, weight in adapters})
-    generator.pipe.unload_lora_weights()  # drops the LoRA layers, keeps the fused weights
+    generator = Generator(base, device="cpu", dtype=torch.float32)
+    generator.activate({generator.load_adapter(path): weight for path, weight in adapters})  # written into W
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     generator.pipe.save_pretrained(tmp, safe_serialization=True)

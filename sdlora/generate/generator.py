@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,9 @@ from PIL import Image
 
 import sdlora
 from sdlora.adapters import AdapterError, Compatibility, LoraFile, check_compatibility, read_lora
-from sdlora.adapters.formats import diffusers_state_dict
+from sdlora.adapters.inspect import find_layer
+from sdlora.adapters.modules import NetworkModule
+from sdlora.config import ConfigError
 from sdlora.files import safe_name
 from sdlora.models import base_label, load_base, native_resolution
 
@@ -41,8 +44,28 @@ class GenerationParams:
     scheduler: str = "dpm++"
 
 
+MAX_WEIGHT = 4.0  # adapter weights outside [-4, 4] are refused: no shared LoRA is meant for more
+
+
+@dataclass
+class LoadedAdapter:
+    """An adapter as the Generator holds it: its file, and each module paired with the layer it changes."""
+
+    path: Path
+    stamp: tuple
+    layers: dict[str, tuple[torch.nn.Module, NetworkModule]]  # "component.module" -> (layer, module)
+    skipped: list[tuple[str, str]]  # (module, reason) for modules the base does not have
+
+
 class Generator:
-    """Loads the base once; adapters are loaded by file under descriptive names and mixed per call."""
+    """Loads the base once; adapters are loaded by file under descriptive names and mixed per call.
+
+    A mix is written straight into the base's weights, W = W0 + sum_i(w_i * dW_i), computed from a
+    pristine copy of every layer an adapter touches (as AUTOMATIC1111 and ComfyUI apply LoRAs). So
+    each denoising step costs what the base alone costs, every network type (LoRA, LoCon, LoHa, LoKr,
+    DoRA, full) mixes the same way, and no history of mixes can drift the base: with no adapter on,
+    the weights are the pristine ones, bit for bit, in any dtype.
+    """
 
     def __init__(
         self,
@@ -50,7 +73,6 @@ class Generator:
         *,
         device: str | None = None,
         dtype: torch.dtype | None = None,
-        fuse: bool = True,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -62,42 +84,59 @@ class Generator:
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._scheduler_configs = dict(self.pipe.scheduler.config)
-        self.adapters: dict[str, Path] = {}
-        self._stamps: dict[str, tuple] = {}  # (mtime, size) of each loaded file, to notice a rewrite
-        self.fuse = fuse
-        self._fused: dict[str, float] | None = None  # the mix currently folded into the base weights
+        self.loaded: dict[str, LoadedAdapter] = {}
+        self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> (W0, b0)
+        self._active: dict[str, float] = {}
+
+    @property
+    def adapters(self) -> dict[str, Path]:
+        """Loaded adapters: name -> file."""
+        return {name: adapter.path for name, adapter in self.loaded.items()}
 
     @property
     def native_size(self) -> int:
         return native_resolution(self.pipe)
 
     def load_adapter(self, path: str | Path, name: str | None = None) -> str:
-        """Load a LoRA in any layout (diffusers, kohya, peft folder); returns the name to use in weights.
+        """Load an adapter in any layout and network type; returns the name to use in weights.
 
-        Every module is checked against the base first, so a LoRA for another model family is refused
-        with an explanation instead of half-loading. Names are prefixed ('lora_...') because short names
-        like 'b' collide with module names in diffusers' key checks.
+        Every module is checked against the base first: a file for another model family is refused
+        with an explanation; modules the base lacks (a few, in a file of the right family) are
+        skipped and listed in `skipped(name)`.
         """
         path = Path(path)
-        name = "lora_" + safe_name(name or path.stem).replace(".", "_")  # peft module names can't hold dots
+        name = "lora_" + safe_name(name or path.stem).replace(".", "_")
         stamp = _file_stamp(path)
-        if name in self.adapters:
-            if self.adapters[name] == path.resolve():
-                if self._stamps[name] == stamp:
+        if name in self.loaded:
+            if self.loaded[name].path == path.resolve():
+                if self.loaded[name].stamp == stamp:
                     return name
                 self.unload_adapter(name)  # the file changed since (retrained under the same name): reload
             else:
                 suffix = 2
-                while f"{name}_{suffix}" in self.adapters:
+                while f"{name}_{suffix}" in self.loaded:
                     suffix += 1
                 name = f"{name}_{suffix}"
         lora = read_lora(path)
-        self.check_fit(lora, str(path))
-        self.activate({})  # new LoRA layers go onto unfused weights
-        self.pipe.load_lora_weights(diffusers_state_dict(lora), adapter_name=name)
-        self.adapters[name] = path.resolve()
-        self._stamps[name] = stamp
+        report = self.check_fit(lora, str(path))
+        skipped = {module for module, _ in report.unmapped}
+        layers = {}
+        for key, module in lora.modules.items():
+            if key not in skipped:
+                layer = find_layer(self.pipe, key)
+                layers[key] = (layer, module.to(layer.weight.device))
+                if key not in self._pristine:
+                    bias = getattr(layer, "bias", None)
+                    self._pristine[key] = (
+                        layer.weight.detach().clone(),
+                        None if bias is None else bias.detach().clone(),
+                    )
+        self.loaded[name] = LoadedAdapter(path.resolve(), stamp, layers, list(report.unmapped))
         return name
+
+    def skipped(self, name: str) -> list[tuple[str, str]]:
+        """The modules of adapter `name` that the base lacks, with the reason: they were not loaded."""
+        return self.loaded[name].skipped
 
     def check_fit(self, lora: LoraFile, shown: str) -> Compatibility:
         """Every module of `lora` checked against this base; AdapterError naming `shown` if it doesn't fit."""
@@ -107,34 +146,47 @@ class Generator:
         return report
 
     def unload_adapter(self, name: str) -> None:
-        self.activate({})
-        self.pipe.delete_adapters([name])
-        del self.adapters[name], self._stamps[name]
+        self.activate({k: v for k, v in self._active.items() if k != name})
+        del self.loaded[name]
+        in_use = {key for adapter in self.loaded.values() for key in adapter.layers}
+        for key in set(self._pristine) - in_use:
+            del self._pristine[key]  # its layer already holds the pristine weight again
 
     def activate(self, weights: Mapping[str, float]) -> None:
-        """Make exactly these adapters active at these weights.
-
-        With `fuse` on, the mix is folded into the base weights, so each denoising step costs what
-        the base alone costs; it is unfolded only when the mix changes (a slider moved).
-        """
-        unknown = [name for name in weights if name not in self.adapters]
+        """Make exactly these adapters active at these weights (a finite number in [-4, 4] each)."""
+        unknown = [name for name in weights if name not in self.loaded]
         if unknown:
-            raise KeyError(f"Unknown adapter(s) {unknown}; loaded: {sorted(self.adapters)}")
-        weights = {name: float(w) for name, w in weights.items()}
-        if weights == self._fused:
+            raise KeyError(f"Unknown adapter(s) {unknown}; loaded: {sorted(self.loaded)}")
+        weights = {name: check_weight(w, self._label(name)) for name, w in weights.items()}
+        if weights == self._active:
             return
-        if self._fused is not None:
-            self.pipe.unfuse_lora()  # each pipeline class knows its LoRA components
-            self._fused = None
-        if not weights:
-            if self.adapters:
-                self.pipe.disable_lora()
+        touched = {key for name in {*weights, *self._active} for key in self.loaded[name].layers}
+        with torch.no_grad():
+            for key in touched:
+                self._write_layer(key, weights)
+        self._active = weights
+
+    def _write_layer(self, key: str, weights: Mapping[str, float]) -> None:
+        """W = W0 + sum of the active adapters' changes for one layer, computed in fp32 from W0."""
+        weight0, bias0 = self._pristine[key]
+        parts = [
+            (self.loaded[name].layers[key][1], w)
+            for name, w in weights.items()
+            if key in self.loaded[name].layers
+        ]
+        layer = next(a.layers[key][0] for a in self.loaded.values() if key in a.layers)
+        if not parts:
+            layer.weight.copy_(weight0)
+            if bias0 is not None:
+                layer.bias.copy_(bias0)
             return
-        self.pipe.enable_lora()
-        self.pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-        if self.fuse:
-            self.pipe.fuse_lora(adapter_names=list(weights))
-            self._fused = weights
+        weight = weight0.float()
+        delta = sum(module.apply_to(weight, w).to(weight.device) for module, w in parts)
+        layer.weight.copy_((weight + delta).to(weight0.dtype))
+        bias_changes = [(m.bias_delta(), w) for m, w in parts if m.bias_delta() is not None]
+        if bias0 is not None and bias_changes:
+            bias = bias0.float() + sum(w * d.to(bias0.device) for d, w in bias_changes)
+            layer.bias.copy_(bias.to(bias0.dtype))
 
     def _set_scheduler(self, name: str) -> None:
         if name not in SCHEDULERS:
@@ -178,8 +230,7 @@ class Generator:
         ]
         if adapters:
             fields.append(
-                "Lora: "
-                + ", ".join(f"{self.adapters[name].stem}:{weight:g}" for name, weight in adapters.items())
+                "Lora: " + ", ".join(f"{self._label(name)}:{weight:g}" for name, weight in adapters.items())
             )
         fields.append(f"Version: sdlora {sdlora.__version__}")
         lines = [params.prompt]
@@ -211,7 +262,20 @@ class Generator:
         return [(f"{self._label(name)} {w:g}", self.generate(params, {**others, name: w})) for w in weights]
 
     def _label(self, name: str) -> str:
-        return self.adapters[name].stem if name in self.adapters else name
+        return self.loaded[name].path.stem if name in self.loaded else name
+
+
+def check_weight(weight: float, label: str) -> float:
+    """An adapter weight as a float, refused (ConfigError naming the adapter) unless finite and in range."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise ConfigError(f"The weight of {label} must be a number, not {weight!r}.") from None
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise ConfigError(
+            f"The weight of {label} must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, not {weight}."
+        )
+    return value
 
 
 def _file_stamp(path: Path) -> tuple:
