@@ -7,10 +7,12 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,10 @@ from sdlora.config import (
     parse_size,
     parse_weights,
 )
+from sdlora.demo import is_demo
 from sdlora.errors import SdloraError
+from sdlora.outputs import Outputs
+from sdlora.presets import PRESETS, preset_name, preset_values
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -83,22 +88,57 @@ def _base_type(hint: Any) -> type:
     return hint
 
 
-def config_from_args(cls: type, args: argparse.Namespace):
+def given_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options the user set: the --config TOML file's, with flags over them."""
     values: dict[str, Any] = {}
     given = vars(args)
     if "config_file" in given:
         values.update(load_toml(given["config_file"]))
     names = {f.name for f in dataclasses.fields(cls)}
     values.update({k: v for k, v in given.items() if k in names})
+    return values
+
+
+def checked_config(cls: type, values: dict[str, Any]):
     config = build_config(cls, values)
     config.validate()
     return config
 
 
+def config_from_args(cls: type, args: argparse.Namespace):
+    return checked_config(cls, given_values(cls, args))
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A preset's settings under the user's own; a .zip as the data folder is unpacked into outputs/uploads."""
+    values = given_values(TrainConfig, args)
+    if args.preset:
+        values = {**preset_values(args.preset, is_demo(values.get("base"))), **values}
+        if PRESETS[args.preset].prior and not values.get("class_prompt"):
+            print(
+                f"The {args.preset} preset is meant with prior preservation: "
+                "add --class-prompt (e.g. 'a photo of a dog').",
+                file=sys.stderr,
+            )
+    data = values.get("data_dir")
+    if not (data and str(data).lower().endswith(".zip") and Path(data).is_file()):
+        return checked_config(TrainConfig, values)
+    from sdlora.data.uploads import stage_upload
+
+    staged = stage_upload([data], Outputs(values.get("outputs", OUTPUTS_DIR)))
+    for reason in staged.skipped:
+        print(f"Left out {reason}", file=sys.stderr)
+    try:
+        return checked_config(TrainConfig, {"name": staged.name, **values, "data_dir": str(staged.folder)})
+    except SdloraError:
+        shutil.rmtree(staged.folder, ignore_errors=True)
+        raise
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from sdlora.train import train
 
-    config = config_from_args(TrainConfig, args)
+    config = train_config_from_args(args)
     if not config.base:
         _say_demo_model()
     result = train(config)
@@ -117,7 +157,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     config: GenerateConfig = config_from_args(GenerateConfig, args)
     if not config.base:
         _say_demo_model()
-    generator = Generator(config.base)
+    generator = Generator(config.base, adapter_dir=OUTPUTS_DIR / "adapters")
     weights = {generator.load_adapter(path): weight for path, weight in map(parse_lora_arg, config.lora)}
     for name in weights:
         for module, reason in generator.skipped(name)[:20]:
@@ -222,7 +262,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.adapters import read_lora, write_lora
-    from sdlora.adapters.merge import fuse_into_base, merge_loras
+    from sdlora.adapters.merge import merge_loras
+    from sdlora.generate import fuse_into_base
 
     adapters = [parse_lora_arg(text) for text in args.adapters]
     if args.into_model:
@@ -239,6 +280,48 @@ def cmd_merge(args: argparse.Namespace) -> int:
         f"{report.max_relative_error:.2e}, mean {report.mean_relative_error:.2e}"
     )
     return 0
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from sdlora.adapters.library import COLUMNS, list_adapters
+
+    outputs = Outputs(args.outputs)
+    rows = [info.row() for info in list_adapters(outputs)]
+    print(_table(COLUMNS, rows) if rows else f"No adapters in {outputs.adapters}.")
+    return 0
+
+
+def cmd_adapters_rename(args: argparse.Namespace) -> int:
+    from sdlora.adapters.library import rename_adapter
+
+    path = rename_adapter(Outputs(args.outputs), args.old, args.new)
+    print(f"{args.old} -> {path.stem}: {path}")
+    return 0
+
+
+def cmd_adapters_delete(args: argparse.Namespace) -> int:
+    from sdlora.adapters.library import delete_adapter
+
+    delete_adapter(Outputs(args.outputs), args.name)
+    print(f"Deleted {args.name} (the run folder that trained it is kept).")
+    return 0
+
+
+def cmd_adapters_import(args: argparse.Namespace) -> int:
+    from sdlora.adapters.library import import_adapter
+
+    path = import_adapter(args.file, Outputs(args.outputs))
+    print(f"Imported {args.file} as {path.stem}: {path}")
+    return 0
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns, as wide as their widest cell."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = [headers, ["-" * width for width in widths], *rows]
+    return "\n".join(
+        "  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -275,8 +358,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Show library logging.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="Train a LoRA adapter from a folder of images.")
+    train = commands.add_parser("train", help="Train a LoRA adapter from a folder (or a .zip) of images.")
     add_config_arguments(train, TrainConfig)
+    train.add_argument(
+        "--preset",
+        type=preset_name,
+        choices=list(PRESETS),
+        default=None,
+        help="Start from the settings for one kind of adapter: "
+        + "; ".join(f"{name}: {preset.help}" for name, preset in PRESETS.items())
+        + ". Case and '-' for spaces don't matter (quick-test); --config and flags override it, and it is "
+        "scaled down for the demo model.",
+    )
     train.set_defaults(handler=cmd_train)
 
     generate = commands.add_parser("generate", help="Generate images, optionally with stacked adapters.")
@@ -330,6 +423,33 @@ def make_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
     merge.set_defaults(handler=cmd_merge)
+
+    library = argparse.ArgumentParser(add_help=False)
+    library.add_argument(
+        "--outputs", default=str(OUTPUTS_DIR), help=f"The outputs folder (default: {OUTPUTS_DIR})."
+    )
+    adapters = commands.add_parser("adapters", help="The adapter library in OUTPUTS/adapters.")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
+    listing = adapter_commands.add_parser(
+        "list", parents=[library], help="A table of the adapters with their training facts."
+    )
+    listing.set_defaults(handler=cmd_adapters_list)
+    rename = adapter_commands.add_parser(
+        "rename", parents=[library], help="Rename an adapter (and its preview image)."
+    )
+    rename.add_argument("old", help="The adapter's name (its file name without .safetensors).")
+    rename.add_argument("new", help="The new name; it must be free.")
+    rename.set_defaults(handler=cmd_adapters_rename)
+    delete = adapter_commands.add_parser(
+        "delete", parents=[library], help="Delete an adapter file and its preview."
+    )
+    delete.add_argument("name", help="The adapter's name.")
+    delete.set_defaults(handler=cmd_adapters_delete)
+    importer = adapter_commands.add_parser(
+        "import", parents=[library], help="Copy a .safetensors adapter into the library under a free name."
+    )
+    importer.add_argument("file", help="A .safetensors adapter file (any layout).")
+    importer.set_defaults(handler=cmd_adapters_import)
 
     ui = commands.add_parser(
         "ui", help="Serve the web app on 127.0.0.1:7860 (options: sdlora ui --help).", add_help=False

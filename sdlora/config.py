@@ -252,6 +252,23 @@ def dump_toml(config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def option_help(cls: type, name: str) -> str:
+    """An option's help text, so a form shows the words `sdlora --help` shows."""
+    return _field(cls, name).metadata["help"]
+
+
+def option_choices(cls: type, name: str) -> list[Any]:
+    return list(_field(cls, name).metadata["choices"] or ())
+
+
+def option_default(cls: type, name: str) -> Any:
+    return _field(cls, name).default
+
+
 def build_config(cls: type, values: dict[str, Any]):
     """Make a config from a dict, rejecting unknown keys by name."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -11,15 +11,19 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
-from sdlora.train.events import Event, StartEvent
+from sdlora.train.events import DoneEvent, Event, SampleEvent, StartEvent, StepEvent
 from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder
+
+E = TypeVar("E", bound=Event)
 
 
 class JobStatus(StrEnum):
@@ -48,12 +52,12 @@ class Job:
 
     @property
     def run_dir(self) -> Path | None:
-        start = self.last(StartEvent.kind)
+        start = self.last(StartEvent)
         return Path(start.run) if start else None
 
-    def last(self, kind: str) -> Event | None:
-        """The newest event of a kind ('step', 'sample', ...), or None."""
-        return next((e for e in reversed(self.events) if e.kind == kind), None)
+    def last(self, kind: type[E]) -> E | None:
+        """The newest event of a kind (`StepEvent`, `SampleEvent`, ...), or None."""
+        return next((e for e in reversed(self.events) if isinstance(e, kind)), None)
 
 
 class JobQueue:
@@ -141,3 +145,66 @@ class JobQueue:
             except Exception as error:  # noqa: BLE001 - any failure is reported on the job, the worker lives on
                 job.error = f"{type(error).__name__}: {error}"
                 job.status = JobStatus.FAILED
+
+
+def pending_names(jobs: Iterable[Job]) -> set[str]:
+    """Adapter names that queued or running jobs will write, so a new job doesn't pick the same one."""
+    return {job.config.name for job in jobs if not job.finished and job.config.name}
+
+
+@dataclass
+class JobView:
+    """What a page shows about a job: a status line, progress, the loss curve and samples (newest first).
+
+    `total` is 0 when there is no job; `active` says whether polling should go on."""
+
+    status: str
+    done: int
+    total: int
+    losses: list[tuple[int, float]]
+    samples: list[tuple[str, str]]
+    active: bool
+
+
+def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
+    """Status, progress, losses and samples of `job` (the queue's current one), with what waits after it."""
+    if job is None:
+        return JobView("No training job yet.", 0, 0, [], [], False)
+    step = job.last(StepEvent)
+    done, total = (step.step, step.total) if step else (0, job.config.steps)
+    status = f"**Job {job.id} · {job.config.name}** · {_status_line(job, step)}"
+    waiting = [j for j in jobs if j.status is JobStatus.QUEUED and j.id != job.id]
+    if waiting:
+        status += "  \nQueued after it: " + ", ".join(f"job {j.id} ({j.config.name})" for j in waiting)
+    losses = [(e.step, e.loss) for e in job.events if isinstance(e, StepEvent)]
+    samples = [(path, f"step {e.step}") for e in job.events if isinstance(e, SampleEvent) for path in e.paths]
+    return JobView(status, done, total, losses, samples[::-1], not job.finished or bool(waiting))
+
+
+def _status_line(job: Job, step: StepEvent | None) -> str:
+    if job.status is JobStatus.QUEUED:
+        return "queued: it starts when the job before it ends."
+    if job.status is JobStatus.FAILED:
+        return f"failed: {job.error}"
+    if job.status is JobStatus.CANCELLED:
+        return f"cancelled after {step.step if step else 0} steps."
+    if job.status is JobStatus.DONE:
+        adapter = job.result.adapter if job.result else "?"
+        return f"done in {_duration(job.last(DoneEvent).elapsed_s)}: saved `{adapter}`; it is in the Generate tab."
+    if step is None:
+        preparing = "making class images for prior preservation, " if job.config.prior_preservation else ""
+        return f"starting: loading the base model, {preparing}caching the images…"
+    return (
+        f"step {step.step}/{step.total} · loss {step.loss:.4f} · "
+        f"{_duration(step.elapsed_s)} elapsed · about {_duration(step.eta_s)} left"
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"

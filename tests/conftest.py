@@ -13,8 +13,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
+from sdlora.adapters import AdapterFacts  # noqa: E402
+from sdlora.train import train  # noqa: E402
 from tests.tiny_models import save_tiny_pipeline  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -100,3 +102,41 @@ def diffusers_mix(base: str, weights: list[tuple[Path, float]]):
         names.append(f"reference{index}")
     pipe.set_adapters(names, adapter_weights=[w for _, w in weights])
     return pipe
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tiny_base, tmp_path_factory) -> tuple[str, str]:
+    """Two adapters trained on different data with a high learning rate, so each visibly moves the output."""
+    root = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for name, colour in (("purple", (200, 0, 200)), ("green", (0, 200, 0))):
+        folder = root / name
+        folder.mkdir()
+        for i in range(3):
+            draw_blob(folder / f"{i}.png", (16, 16), colour)
+        result = train(
+            train_config(folder, tiny_base, root / "out", steps=6, lr=5e-3, name=name, seed=len(paths))
+        )
+        paths.append(str(result.adapter))
+    return paths[0], paths[1]
+
+
+def fake_adapter(path: Path, facts: AdapterFacts | None = None, **metadata: str) -> Path:
+    """A small .safetensors file with sdlora's header facts (or another tool's metadata)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {"format": "pt", **(facts.to_metadata() if facts else {}), **metadata}
+    save_file({"unet.x.lora_A.weight": torch.zeros(4, 8)}, str(path), metadata=header)
+    return path
+
+
+FACTS = AdapterFacts(
+    name="star",
+    base_model="/models/demo",
+    family="sd1",
+    rank=4,
+    alpha=2.0,
+    targets="all",
+    trigger_words="sks",
+    steps=30,
+    created="2026-01-02T03:04:05+00:00",
+)

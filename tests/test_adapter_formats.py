@@ -1,4 +1,4 @@
-"""Adapters every tool loads: diffusers, kohya and peft layouts agree numerically; others' files load;
+"""Adapters every tool loads: diffusers, kohya (SD 1.x and SDXL naming) and peft layouts agree numerically; others' files load;
 a LoRA for another base is refused with a reason; merges are exact or report their error."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from sdlora.adapters import AdapterError, read_adapter, read_lora, write_lora
-from sdlora.adapters.merge import fuse_into_base, merge_loras
+from sdlora.adapters import AdapterError, LoraFile, LoraModule, read_adapter, read_lora, write_lora
+from sdlora.adapters.merge import merge_loras
 from sdlora.cli import main
-from sdlora.generate import GenerationParams, Generator
+from sdlora.generate import GenerationParams, Generator, fuse_into_base
 from sdlora.train import train
 from tests.conftest import diffusers_mix, draw_blob, train_config
-from tests.tiny_models import load, save_tiny_pipeline, unet_output
+from tests.tiny_models import load, save_tiny_pipeline, tiny_sdxl_pipeline, unet_output
 
 PARAMS = GenerationParams("a sks blob", seed=1, steps=3, guidance=3.0)
 
@@ -184,3 +184,58 @@ def test_training_can_write_kohya_directly(tiny_base, blob_folder, tmp_path):
     tensors, metadata = read_adapter(result.adapter)
     assert all(k.startswith("lora_unet_") for k in tensors) and metadata["ss_network_alpha"] == "3"
     assert Generator(tiny_base).load_adapter(result.adapter).startswith("lora_")
+
+
+# kohya's SDXL trainer names U-Net modules as the original (SGM) U-Net does. The tiny SDXL has one layer
+# per block, so input block 3 is down_blocks.1 and output blocks 0 and 1 are up_blocks.0.
+SGM_TO_DIFFUSERS = {
+    "input_blocks_3_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_3_1_proj_in": "down_blocks.1.attentions.0.proj_in",
+    "middle_block_1_transformer_blocks_0_attn2_to_k": "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+    "output_blocks_1_1_transformer_blocks_0_attn1_to_out_0": "up_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0",
+    "output_blocks_0_1_transformer_blocks_0_ff_net_2": "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+}
+
+
+def sdxl_unet_output(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    latents = torch.randn(2, 4, size, size, generator=g)
+    text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    added = {"text_embeds": torch.randn(2, 32, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    with torch.no_grad():
+        return unet(
+            latents, torch.tensor([10, 500]), encoder_hidden_states=text, added_cond_kwargs=added
+        ).sample
+
+
+def test_kohya_sdxl_files_with_sgm_names_load_like_diffusers_names(tmp_path):
+    pipe = tiny_sdxl_pipeline()
+    layers = dict(pipe.unet.named_modules())
+    g = torch.Generator().manual_seed(1)
+    modules, kohya = {}, {}
+    for sgm, name in SGM_TO_DIFFUSERS.items():
+        out_features, in_features = layers[name].weight.shape[:2]
+        down, up = torch.randn(4, in_features, generator=g), torch.randn(out_features, 4, generator=g)
+        modules[f"unet.{name}"] = LoraModule(3.0, down=down, up=up)
+        kohya |= {
+            f"lora_unet_{sgm}.lora_down.weight": down,
+            f"lora_unet_{sgm}.lora_up.weight": up,
+            f"lora_unet_{sgm}.alpha": torch.tensor(3.0),
+        }
+    native = write_lora(LoraFile(modules), tmp_path / "native.safetensors", "diffusers")
+    save_file(kohya, tmp_path / "sgm.safetensors")
+
+    generator = Generator(pipe, device="cpu")
+    base = sdxl_unet_output(generator.pipe.unet)
+    outputs = []
+    for path in (native, tmp_path / "sgm.safetensors"):
+        generator.activate({generator.load_adapter(path): 1.0})
+        outputs.append(sdxl_unet_output(generator.pipe.unet))
+    assert (outputs[0] - base).abs().max() > 1e-3
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+
+    # diffusers' own loader reads the file the same way.
+    theirs = tiny_sdxl_pipeline()
+    theirs.load_lora_weights(str(tmp_path / "sgm.safetensors"))
+    torch.testing.assert_close(sdxl_unet_output(theirs.unet), outputs[0], rtol=1e-5, atol=1e-6)

@@ -196,3 +196,28 @@ def test_trained_model_draws_every_base_shape_in_colour(trained_pipeline) -> Non
     ).images
     readings = [read_image(image) for image in images]
     assert sum(reading.colour == "purple" for reading in readings) >= len(prompts) - 1
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.999])
+def test_weight_average_is_the_warm_up_average_build_used_before_emamodel(decay):
+    """diffusers' EMAModel, as configured, averages as build.py's own EMA did: per update k (from 0),
+    shadow <- lerp(shadow, weights, 1 - min(decay, (1 + k) / (10 + k)))."""
+    from sdlora.demo.build import weight_average
+
+    g = torch.Generator().manual_seed(0)
+    parameters = [
+        torch.nn.Parameter(torch.randn(16, 8, generator=g)),
+        torch.nn.Parameter(torch.randn(8, generator=g)),
+    ]
+    ema = weight_average(parameters, decay)
+    shadow = [p.detach().clone() for p in parameters]
+    for k in range(300):
+        with torch.no_grad():
+            for p in parameters:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        ema.step(parameters)
+        assert ema.cur_decay_value == pytest.approx(min(decay, (1 + k) / (10 + k)), rel=1e-12)
+        torch._foreach_lerp_(shadow, [p.detach() for p in parameters], 1 - min(decay, (1 + k) / (10 + k)))
+    averaged = [torch.empty_like(p) for p in parameters]
+    ema.copy_to(averaged)
+    torch.testing.assert_close(averaged, shadow, rtol=0, atol=1e-6)

@@ -12,27 +12,9 @@ from PIL import Image
 from sdlora.adapters import AdapterError
 from sdlora.config import ConfigError
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
-from sdlora.train import train
-from tests.conftest import diffusers_mix, draw_blob, train_config
+from tests.conftest import diffusers_mix
 
 PARAMS = GenerationParams("a photo of sks blob", seed=7, steps=4, guidance=3.0)
-
-
-@pytest.fixture(scope="module")
-def two_adapters(tiny_base, tmp_path_factory) -> tuple[str, str]:
-    """Two adapters trained on different data with a high learning rate, so each visibly moves the output."""
-    root = tmp_path_factory.mktemp("adapters")
-    paths = []
-    for name, colour in (("purple", (200, 0, 200)), ("green", (0, 200, 0))):
-        folder = root / name
-        folder.mkdir()
-        for i in range(3):
-            draw_blob(folder / f"{i}.png", (16, 16), colour)
-        result = train(
-            train_config(folder, tiny_base, root / "out", steps=6, lr=5e-3, name=name, seed=len(paths))
-        )
-        paths.append(str(result.adapter))
-    return paths[0], paths[1]
 
 
 @pytest.fixture(scope="module")

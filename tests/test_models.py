@@ -4,13 +4,32 @@ from __future__ import annotations
 
 import pytest
 
-from sdlora.models import BaseModelError, load_base, model_family, native_resolution
+from sdlora.models import (
+    FAMILIES,
+    BaseModelError,
+    UnknownFamilyError,
+    family_of,
+    get_family,
+    load_base,
+    native_resolution,
+)
+from tests.tiny_models import tiny_sdxl_pipeline
 
 
 def test_local_folder_loads(tiny_base, tiny_vpred_base):
     pipe = load_base(tiny_base)
-    assert model_family(pipe) == "sd1" and native_resolution(pipe) == 16
-    assert model_family(load_base(tiny_vpred_base)) == "sd2"
+    assert family_of(pipe).name == "sd1" and native_resolution(pipe) == 16
+    assert family_of(load_base(tiny_vpred_base)).name == "sd2"
+
+
+def test_family_table():
+    xl = tiny_sdxl_pipeline()
+    assert family_of(xl) is family_of(xl.unet) is get_family("sdxl")
+    for family in FAMILIES.values():
+        assert family.cross_attention_dim == sum(e.width for e in family.text_encoders)
+    assert get_family("sdxl").kohya_prefixes["text_encoder"] == "lora_te1_"
+    with pytest.raises(UnknownFamilyError, match="sd1, sd2, sdxl"):
+        get_family("sd3")
 
 
 def test_unknown_base_names_what_was_tried():

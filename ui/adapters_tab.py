@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ui.common import USER_ERRORS, AppContext, problem
-from ui.library import (
+from sdlora.adapters.library import (
     COLUMNS,
     adapter_names,
     adapter_path,
@@ -15,6 +14,7 @@ from ui.library import (
     list_adapters,
     rename_adapter,
 )
+from ui.common import USER_ERRORS, AppContext, problem
 
 
 def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:

@@ -1,7 +1,7 @@
 """The sdlora web app: Train, Generate and Adapters tabs over the sdlora library.
 
-The page only lays out controls and passes their values on; training, models and files are the library's
-(and the small, browser-free helpers in this package). Run it with ``python -m ui``.
+The page only lays out controls and passes their values on; training, models, files, presets and the
+adapter library are the library's. Run it with ``python -m ui``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import gradio as gr
 
+from sdlora.demo import DEMO_KEYWORD, DEMO_MODEL_DIR, base_spec, demo_model_available, is_demo
+from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
+from sdlora.outputs import Outputs
 from ui.adapters_tab import build_adapters_tab
-from ui.bases import DEMO_KEYWORD, base_notice
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.generate_tab import build_generate_tab
-from ui.studio import Studio
 from ui.train_tab import build_train_tab
 
 DEFAULT_HOST = "127.0.0.1"
@@ -35,7 +36,7 @@ def build_app(
 ) -> gr.Blocks:
     """The app's page; `base` is the base model the page starts with (None: the bundled demo model) and
     `queue` the training queue (a new one by default; pass one to share it with other code)."""
-    outputs = Path(outputs_dir)
+    outputs = Outputs(Path(outputs_dir))
     ctx = AppContext(outputs, queue or JobQueue(), Studio(outputs))
     with gr.Blocks(title="sdlora", analytics_enabled=False) as app:
         gr.Markdown("# sdlora: train and use Stable Diffusion LoRA adapters")
@@ -69,6 +70,25 @@ def build_app(
         load.click(loaded, base_box, notice)
         base_box.change(base_notice, base_box, notice, show_progress="hidden")
     return app
+
+
+def base_notice(text: str | None) -> str:
+    """The page's plain statement of which base model is in use, and how to use a real one."""
+    how = (
+        "To use a real model, enter a Hugging Face hub id (e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`), "
+        "a local diffusers folder or a single `.safetensors` checkpoint above and press **Load**."
+    )
+    if not is_demo(text):
+        return f"Base model: `{base_spec(text)}`. Leave the field empty (or type `demo`) for the bundled demo model."
+    if not demo_model_available():
+        return (
+            f"**The bundled demo model is missing** from `{DEMO_MODEL_DIR}`: build it with "
+            f"`sdlora demo-model build`. {how}"
+        )
+    return (
+        "**Using the bundled demo model**: a tiny model that only draws simple coloured shapes at 32×32 px, "
+        f"so training and generating run in seconds on a CPU. {how}"
+    )
 
 
 def launch(

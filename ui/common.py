@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
 from sdlora.errors import SdloraError
+from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
-from ui.studio import Studio
+from sdlora.outputs import Outputs
 
 # Errors whose message tells the user what to change; anything else is a bug and Gradio shows it as one.
 USER_ERRORS = (SdloraError,)
@@ -20,7 +20,7 @@ USER_ERRORS = (SdloraError,)
 class AppContext:
     """One per app, shared by every session: state that must survive a page reload lives here."""
 
-    outputs: Path
+    outputs: Outputs
     queue: JobQueue
     studio: Studio
 

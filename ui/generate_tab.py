@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import gradio as gr
 
-from sdlora.config import GenerateConfig, parse_weights
+from sdlora.adapters.library import adapter_names
+from sdlora.config import GenerateConfig, option_choices, option_default, option_help, parse_weights
+from sdlora.generate.studio import Result, make_params
 from ui.common import USER_ERRORS, AppContext, problem
-from ui.library import adapter_names
-from ui.options import option_choices, option_default, option_help
-from ui.studio import Result, chosen_adapters, make_params
 
 ADAPTER_ROWS = 4
 SIZES = ["native", "256x256", "512x512", "512x768", "768x512", "768x768", "1024x1024"]
 MAX_SEED = 2**31 - 1
+
+
+def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
+    """(name, weight) of each adapter row that is switched on and has an adapter picked.
+
+    `rows` is the page's flat list of row values: name, on, weight for each row in turn."""
+    triples = [rows[index : index + 3] for index in range(0, len(rows), 3)]
+    return [(name, float(weight)) for name, on, weight in triples if on and name]
 
 
 def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, tab: gr.Tab) -> None:

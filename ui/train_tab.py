@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import gradio as gr
+import html
 
-from sdlora.config import TrainConfig
+import gradio as gr
+import pandas as pd
+
+from sdlora.config import TrainConfig, option_default, option_help
+from sdlora.data.uploads import caption_rows, save_captions, stage_upload, thumbnails
+from sdlora.demo import base_spec, is_demo
+from sdlora.forms import FORM_FIELDS, TrainForm, make_config
+from sdlora.jobs import JobView, job_view, pending_names
+from sdlora.presets import PRESETS, preset_values
 from sdlora.train.launch import gpu_count
-from ui.bases import base_spec, is_demo
 from ui.common import USER_ERRORS, AppContext, problem
-from ui.options import option_default, option_help
-from ui.training import FORM_FIELDS, PRESETS, TrainForm, job_view, make_config, pending_names, preset_values
-from ui.uploads import caption_rows, save_captions, stage_upload, thumbnails
 
 POLL_SECONDS = 1.0
-PRESET_FIELDS = tuple(next(iter(PRESETS.values())))
+# The form fields a preset fills: whether prior preservation is on, then its TrainConfig settings.
+PRESET_FIELDS = ("prior", *next(iter(PRESETS.values())).settings)
 
 
 GPUS = gpu_count()  # the app offers data-parallel training when it sees several
@@ -22,7 +27,7 @@ GPUS = gpu_count()  # the app offers data-parallel training when it sees several
 def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initial_base: str | None) -> None:
     """Lay out the tab inside the current Blocks and wire its events; a page load shows the queue's job."""
     first_preset = next(iter(PRESETS))
-    preset = preset_values(first_preset, is_demo(initial_base))
+    preset = preset_form_values(first_preset, initial_base)
     folder = gr.State(None)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
@@ -153,7 +158,7 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
 
     def staged(paths: list[str] | str | None) -> tuple:
         try:
-            upload = stage_upload([paths] if isinstance(paths, str) else paths, ctx.outputs / "uploads")
+            upload = stage_upload([paths] if isinstance(paths, str) else paths, ctx.outputs)
         except USER_ERRORS as error:
             return None, problem(error), [], [], gr.skip()
         message = f"{upload.images} image(s) ready in `{upload.folder}`."
@@ -181,7 +186,7 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
     captions.input(edited, [folder, captions], gallery)
 
     def preset_chosen(name: str, base_text: str) -> list:
-        values = preset_values(name, is_demo(base_text))
+        values = preset_form_values(name, base_text)
         return [values[key] for key in PRESET_FIELDS]
 
     preset_in.change(preset_chosen, [preset_in, base_box], [fields[key] for key in PRESET_FIELDS])
@@ -231,8 +236,8 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
         view = job_view(job, ctx.queue.jobs())
         return (
             view.status,
-            view.progress,
-            view.loss,
+            progress_bar(view),
+            loss_frame(view),
             view.samples,
             gr.Timer(active=view.active),
             key,
@@ -242,3 +247,24 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
     poll_outputs = [status, progress, loss, samples, timer, seen, shown]
     timer.tick(polled, seen, poll_outputs, show_progress="hidden")
     app.load(polled, seen, poll_outputs, show_progress="hidden")
+
+
+def preset_form_values(name: str, base_text: str | None) -> dict:
+    """The form values a preset sets, scaled down when the base field names the demo model."""
+    return {"prior": PRESETS[name].prior, **preset_values(name, is_demo(base_text))}
+
+
+def progress_bar(view: JobView) -> str:
+    """The job's progress as an HTML bar with its step count (nothing when there is no job)."""
+    if not view.total:
+        return ""
+    done, total = view.done, view.total
+    percent = 100 * done / max(total, 1)
+    return (
+        f'<div class="sdlora-progress"><progress max="{total}" value="{done}"></progress>'
+        f"<span>{html.escape(f'{done}/{total} steps ({percent:.0f}%)')}</span></div>"
+    )
+
+
+def loss_frame(view: JobView) -> pd.DataFrame:
+    return pd.DataFrame(view.losses, columns=["step", "loss"])

@@ -3,8 +3,10 @@
 - diffusers: `unet.<module>.lora_A.weight` / `lora_B` (older files: `lora.down`/`lora.up`,
   `lora_linear_layer.down`/`up`), the peft LoraConfig per component in `lora_adapter_metadata`.
 - kohya (AUTOMATIC1111, ComfyUI): `lora_unet_<module_with_underscores>.lora_down.weight`,
-  `.lora_up.weight` and a scalar `.alpha` per module; `lora_te_` (SD 1.x/2.x) or `lora_te1_`/`lora_te2_`
-  (SDXL) for the text encoders; kohya's `ss_*` and `modelspec.*` metadata.
+  `.lora_up.weight` and a scalar `.alpha` per module; the text encoders' prefixes per family are in
+  `sdlora.models.families`; kohya's `ss_*` and `modelspec.*` metadata. U-Net modules are named as in
+  diffusers (A1111-era SD 1.x files, sdlora's own) or as in the original SGM U-Net (kohya's SDXL files:
+  `lora_unet_input_blocks_4_1_...`); the latter are renamed by diffusers' own converters.
 - peft: a folder with `adapter_model.safetensors` (`base_model.model.<module>.lora_A.weight`) and
   `adapter_config.json`, one per component (sub-folders `unet/`, `text_encoder/` when there are several).
 
@@ -20,9 +22,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from diffusers.loaders.lora_conversion_utils import _convert_unet_lora_key, _maybe_map_sgm_blocks_to_diffusers
+from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from safetensors.torch import save as safetensors_bytes
 
@@ -30,6 +36,7 @@ from sdlora.adapters.files import FACTS_PREFIX, AdapterError, AdapterFacts, lora
 from sdlora.adapters.modules import LoraModule, NetworkModule, module_from_tensors
 from sdlora.config import FORMATS
 from sdlora.files import atomic_write_bytes, atomic_write_text
+from sdlora.models.families import FAMILIES, Family, family_with_components, get_family, kohya_components
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -66,22 +73,14 @@ _COMPOUNDS = (
     "add_k_proj",
     "add_v_proj",
 )
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-# Longest first; LyCORIS's own networks (`create_lycoris` on a U-Net) name theirs `lycoris_`.
-_KOHYA_READ_PREFIXES = (
-    ("text_encoder_2", "lora_te2_"),
-    ("text_encoder", "lora_te1_"),
-    ("text_encoder", "lora_te_"),
-    ("unet", "lora_unet_"),
-    ("unet", "lycoris_"),
-)
-KOHYA_PREFIXES = tuple(prefix for _, prefix in _KOHYA_READ_PREFIXES)
-_KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-_MODELSPEC_ARCH = {
-    "sd1": "stable-diffusion-v1",
-    "sd2": "stable-diffusion-v2-768-v",
-    "sdxl": "stable-diffusion-xl-v1-base",
-}
+_SGM_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+# LyCORIS's own networks (`create_lycoris` on a U-Net) name their modules `lycoris_...`.
+_EXTRA_PREFIXES = {"lycoris_": "unet"}
+
+
+def read_prefixes() -> dict[str, str]:
+    """Every key prefix of a kohya / LyCORIS file -> the component it names."""
+    return {**kohya_components(), **_EXTRA_PREFIXES}
 
 
 @dataclass
@@ -115,6 +114,17 @@ class LoraFile:
             type(m) is LoraModule and m.mid is None and m.dora_scale is None for m in self.modules.values()
         )
 
+    def family(self) -> Family:
+        """The family to label the file for: the one it was trained on, else the first with all its parts."""
+        components = set(self.components())
+        trained_on = FAMILIES.get(self.facts.family) if self.facts else None
+        if trained_on and components <= set(trained_on.components):
+            return trained_on
+        family = family_with_components(components)
+        if family is None:
+            raise AdapterError(f"No model family has all of {sorted(self.components())}.")
+        return family
+
 
 def lora_from_peft(
     parts: dict[str, tuple[dict[str, torch.Tensor], float]], metadata: dict[str, str]
@@ -145,24 +155,31 @@ def _peft_pairs(state: dict[str, torch.Tensor]):
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def read_lora(path: str | Path) -> LoraFile:
-    """Read an adapter in any common layout (a peft folder, or a .safetensors file)."""
+def read_lora(path: str | Path, unet_config: Any | None = None) -> LoraFile:
+    """Read an adapter in any common layout (a peft folder, or a .safetensors file).
+
+    `unet_config`, the base U-Net's config, numbers the blocks of kohya's SGM-named (SDXL) files; without
+    it SDXL's layout is assumed.
+    """
     path = Path(path)
     if path.is_dir():
         return _read_peft_folder(path)
     tensors, metadata = read_adapter(path)
-    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
-        return LoraFile(_modules_from_kohya(tensors, path), metadata, "kohya")
+    if any(k.startswith(tuple(read_prefixes())) for k in tensors):
+        return LoraFile(_modules_from_kohya(tensors, path, unet_config), metadata, "kohya")
     return LoraFile(_modules_from_diffusers(tensors, metadata, path), metadata, "diffusers")
 
 
-def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, NetworkModule]:
+def _modules_from_kohya(
+    tensors: dict[str, torch.Tensor], path: Path, unet_config: Any | None
+) -> dict[str, NetworkModule]:
     """kohya / LyCORIS keys: `<prefix><module_with_underscores>.<tensor kind>`; every kind is understood
     (LoRA, LoCon with Tucker `lora_mid`, LoHa, LoKr, full diffs, DoRA scales) or the file is refused."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, kind = key.partition(".")
         grouped.setdefault(name, {})[kind] = value
+    names = _kohya_module_names(list(grouped), unet_config)
     modules = {}
     for name, parts in grouped.items():
         module = module_from_tensors(parts)
@@ -170,18 +187,39 @@ def _modules_from_kohya(tensors: dict[str, torch.Tensor], path: Path) -> dict[st
             raise AdapterError(
                 f"{path}: module {name} {module}; sdlora refuses the file rather than drop it."
             )
-        component, target = _kohya_module_name(name)
         if isinstance(module, LoraModule) and module.alpha is None:
             module.alpha = float(module.rank)
-        modules[f"{component}.{target}"] = module
+        modules[names[name]] = module
     return modules
 
 
-def _kohya_module_name(name: str) -> tuple[str, str]:
-    for component, prefix in _KOHYA_READ_PREFIXES:
-        if name.startswith(prefix):
-            return component, _unflatten(name[len(prefix) :])
-    raise AdapterError(f"Unrecognised kohya key {name!r}.")
+def _kohya_module_names(names: list[str], unet_config: Any | None) -> dict[str, str]:
+    """kohya module name -> 'component.module' in diffusers/transformers naming."""
+    prefixes = read_prefixes()
+    split: dict[str, tuple[str, str]] = {}
+    for name in names:
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            raise AdapterError(f"Unrecognised kohya key {name!r}.")
+        split[name] = (prefixes[prefix], name[len(prefix) :])
+    unet = [name for name, (component, _) in split.items() if component == "unet"]
+    sgm = any(block in name for name in unet for block in _SGM_BLOCKS)
+    result = {name: f"{component}.{_unflatten(flat)}" for name, (component, flat) in split.items()}
+    if sgm:
+        result.update({name: f"unet.{module}" for name, module in _sgm_unet_names(unet, unet_config).items()})
+    return result
+
+
+def _sgm_unet_names(names: list[str], unet_config: Any | None) -> dict[str, str]:
+    """kohya's names for SDXL's original (SGM) U-Net -> diffusers module names, by the converters
+    `load_lora_weights` itself uses, so a file reads here as it loads in diffusers."""
+    config = unet_config or SimpleNamespace(layers_per_block=get_family("sdxl").layers_per_block)
+    renumbered = _maybe_map_sgm_blocks_to_diffusers({f"{n}.lora_down.weight": n for n in names}, config)
+    result = {}
+    for key, name in renumbered.items():
+        (peft_key,) = convert_unet_state_dict_to_peft({_convert_unet_lora_key(key): None})
+        result[name] = peft_key.removesuffix(".lora_A.weight").replace(".processor.", ".")
+    return result
 
 
 def _unflatten(flat: str) -> str:
@@ -379,18 +417,12 @@ def _file_module_name(component: str, module: str) -> str:
     return f"text_model.{module}" if component.startswith("text_encoder") else module
 
 
-def kohya_key(component: str, module: str, sdxl: bool) -> str:
-    """The flat kohya name of a module: `lora_unet_down_blocks_0_..._to_q`, `lora_te1_text_model_...`."""
-    prefixes = {**_KOHYA_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_"}
-    return prefixes[component] + _file_module_name(component, module).replace(".", "_")
-
-
 def _to_kohya(lora: LoraFile) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    sdxl = "text_encoder_2" in lora.components() or bool(lora.facts and lora.facts.family == "sdxl")
+    prefixes = lora.family().kohya_prefixes
     tensors: dict[str, torch.Tensor] = {}
     for key, module in lora.modules.items():
         component, name = key.split(".", 1)
-        flat = kohya_key(component, name, sdxl)
+        flat = prefixes[component] + _file_module_name(component, name).replace(".", "_")
         tensors.update({f"{flat}.{suffix}": value for suffix, value in module.tensors().items()})
     metadata = kohya_metadata(lora)
     metadata["sshs_model_hash"] = tensor_hash(tensors)
@@ -408,13 +440,13 @@ def tensor_hash(tensors: dict[str, torch.Tensor]) -> str:
 def kohya_metadata(lora: LoraFile) -> dict[str, str]:
     """kohya's `ss_*` keys and the `modelspec.*` header, from sdlora's training facts where present."""
     facts = lora.facts
+    family = lora.family()
     ranks = Counter(m.rank for m in lora.modules.values())
     alphas = Counter(_alpha(m) for m in lora.modules.values())
     rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
     network = (
         {"networks.lora": "LoRA"} if lora.plain_lora else {"lycoris.kohya": ",".join(sorted(lora.kinds))}
     )
-    family = facts.family if facts else "sd1"
     name = facts.name if facts else "lora"
     metadata = {k: v for k, v in lora.metadata.items() if k.startswith(FACTS_PREFIX)}
     metadata.update(
@@ -422,12 +454,12 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
             "ss_network_module": next(iter(network)),
             "ss_network_dim": str(rank),
             "ss_network_alpha": f"{alpha:g}",
-            "ss_base_model_version": _KOHYA_BASE_VERSION.get(family, "sd_v1"),
-            "ss_v2": str(family == "sd2"),
+            "ss_base_model_version": family.kohya_base_version,
+            "ss_v2": str(family.kohya_v2),
             "ss_output_name": name,
             "ss_clip_skip": "None",
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"{_MODELSPEC_ARCH.get(family, 'stable-diffusion-v1')}/lora",
+            "modelspec.architecture": f"{family.modelspec_architecture}/lora",
             "modelspec.implementation": "diffusers",
             "modelspec.title": name,
         }
@@ -449,7 +481,7 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
                 "modelspec.trigger_phrase": facts.trigger_words,
                 "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
                 "modelspec.date": facts.created,
-                "modelspec.prediction_type": "v" if family == "sd2" else "epsilon",
+                "modelspec.prediction_type": family.modelspec_prediction_type,
             }
         )
     if not lora.plain_lora:

@@ -20,33 +20,36 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 
 from sdlora.adapters.files import FACTS_PREFIX
 from sdlora.adapters.formats import LoraFile, read_lora, strip_text_model
-
-# Width of the text embeddings that cross-attention reads, per family.
-_CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+from sdlora.models.families import FAMILIES, family_of
 
 
 def guess_family(lora: LoraFile) -> str:
-    """'sd1', 'sd2', 'sdxl', or 'other (N-wide text)' from the keys and the cross-attention input width."""
+    """A family name, or 'other (N-wide text)', from the LoRA's components and its layers' input widths.
+
+    The components decide where only one family has them all (a second text encoder: SDXL); otherwise
+    the width that cross-attention reads, or else the text encoder's width, picks the family.
+    """
     components = lora.components()
+    candidates = [f for f in FAMILIES.values() if set(components) <= set(f.components)]
     for name, module in components.get("unet", {}).items():
         if ".attn2.to_k" in f".{name}" or ".attn2.to_v" in f".{name}":
             width = int(module.shape[1])
-            return _CROSS_WIDTH_FAMILY.get(width, f"other ({width}-wide text)")
-    if "text_encoder_2" in components:
-        return "sdxl"
+            found = [f for f in candidates if f.cross_attention_dim == width]
+            return found[0].name if found else f"other ({width}-wide text)"
+    if len(candidates) == 1:
+        return candidates[0].name
     if "text_encoder" in components:
         width = int(next(iter(components["text_encoder"].values())).shape[1])
-        return {768: "sd1", 1024: "sd2"}.get(width, f"other ({width}-wide text encoder)")
+        found = [f for f in candidates if f.text_encoders[0].width == width]
+        return found[0].name if found else f"other ({width}-wide text encoder)"
     return "unknown"
 
 
 def base_family(pipe: DiffusionPipeline) -> str:
-    from sdlora.models import model_family
-
+    """The base's family name, or 'other (N-wide text)' when its cross-attention width is not the family's."""
+    family = family_of(pipe)
     width = pipe.unet.config.cross_attention_dim
-    if width in _CROSS_WIDTH_FAMILY:
-        return model_family(pipe).value
-    return f"other ({width}-wide text)"
+    return family.name if width == family.cross_attention_dim else f"other ({width}-wide text)"
 
 
 @dataclass
@@ -137,7 +140,7 @@ def check_compatibility(lora: LoraFile, pipe: DiffusionPipeline) -> Compatibilit
 
 def summarize(path: str | Path, pipe: DiffusionPipeline | None = None) -> dict[str, Any]:
     """What `sdlora inspect` prints: format, family, facts, rank and alpha per module, fit to a base."""
-    lora = read_lora(path)
+    lora = read_lora(path, pipe.unet.config if pipe is not None else None)
     metadata = lora.metadata
     facts = lora.facts
     components = {}

@@ -1,21 +1,21 @@
-"""Merging LoRAs: several into one LoRA (exactly, by stacking ranks, or re-factorised by SVD), or into a base.
+"""Merging LoRAs: several into one LoRA, exactly (by stacking ranks) or re-factorised by SVD.
 
 For module m, adapters i at weights w_i add  ΔW = Σ_i w_i (α_i / r_i) B_i A_i.
 - Concatenation writes that sum exactly as one LoRA of rank Σ r_i:  B = [w_i α_i/r_i B_i], A = [A_i], α = rank.
 - SVD keeps the best rank-k approximation of ΔW (Eckart–Young) and reports the relative error it made.
+
+Fusing into a base model needs a loaded pipeline, so it is `sdlora.generate.fuse_into_base`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from sdlora.adapters.files import FACTS_PREFIX, AdapterError
 from sdlora.adapters.formats import LoraFile
 from sdlora.adapters.modules import FullModule, LoraModule, NetworkModule
-from sdlora.files import atomic_replace_dir
 
 
 @dataclass
@@ -66,15 +66,3 @@ def _svd_factorise(delta: torch.Tensor, rank: int) -> tuple[LoraModule, float]:
     norm = torch.linalg.norm(delta.double())
     error = float(torch.linalg.norm(delta.double() - up.double() @ down.double()) / norm) if norm > 0 else 0.0
     return LoraModule(float(k), down=down, up=up), error
-
-
-def fuse_into_base(base: str | None, adapters: list[tuple[str | Path, float]], out: str | Path) -> Path:
-    """Fold adapters at weights into the base's weights and save a full diffusers pipeline folder."""
-    from sdlora.generate import Generator  # here, not at the top: generate imports this package
-
-    generator = Generator(base, device="cpu", dtype=torch.float32)
-    generator.activate({generator.load_adapter(path): weight for path, weight in adapters})  # written into W
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    generator.pipe.save_pretrained(tmp, safe_serialization=True)
-    return atomic_replace_dir(tmp, out)

@@ -8,6 +8,7 @@ It lets the LoRA workflow (training, mixing, generating) run offline on a CPU in
 from pathlib import Path
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEMO_KEYWORD = "demo"
 
 
 def demo_model_available() -> bool:
@@ -15,4 +16,16 @@ def demo_model_available() -> bool:
     return (DEMO_MODEL_DIR / "model_index.json").is_file()
 
 
-__all__ = ["DEMO_MODEL_DIR", "demo_model_available"]
+def base_spec(text: str | None) -> str | None:
+    """A typed base-model choice as the library takes it: empty or 'demo' mean the bundled demo model (None)."""
+    text = (text or "").strip()
+    return None if text.lower() in ("", DEMO_KEYWORD) else text
+
+
+def is_demo(text: str | None) -> bool:
+    """Whether a typed base-model choice names the bundled demo model (presets are scaled down for it)."""
+    spec = base_spec(text)
+    return spec is None or Path(spec).resolve() == DEMO_MODEL_DIR
+
+
+__all__ = ["DEMO_KEYWORD", "DEMO_MODEL_DIR", "base_spec", "demo_model_available", "is_demo"]

@@ -43,12 +43,12 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import EMAModel, compute_snr
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.demo import DEMO_MODEL_DIR
-from sdlora.demo.shapes import NATIVE_RESOLUTION, make_dataset
+from sdlora.demo.shapes import NATIVE_RESOLUTION, make_dataset, vae_variety
 from sdlora.demo.tokenizer import build_tokenizer, write_tokenizer_files
 from sdlora.files import atomic_replace_dir
 
@@ -80,13 +80,14 @@ class BuildConfig:
     """
 
     dataset_size: int = 40_000
+    vae_variety_size: int = 10_000  # held-back shapes, styles and backgrounds that only the VAE sees
     vae_steps: int = 800
-    vae_minutes: float = 8.0
+    vae_minutes: float = 10.0
     vae_batch: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     unet_steps: int = 6_000
-    unet_minutes: float = 25.0
+    unet_minutes: float = 35.0
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -102,6 +103,7 @@ class BuildConfig:
 
 QUICK_CONFIG = BuildConfig(
     dataset_size=2_000,
+    vae_variety_size=500,
     vae_steps=60,
     vae_minutes=0.5,
     vae_batch=32,
@@ -306,24 +308,22 @@ def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: fl
     return torch.clamp(snr, max=gamma) / snr
 
 
-class EMA:
-    """Exponential moving average of weights: a cheap, reliable quality gain for diffusion models."""
+def weight_average(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """Exponential moving average of weights: a cheap, reliable quality gain for diffusion models.
 
-    def __init__(self, modules: list[torch.nn.Module], decay: float) -> None:
-        self.sources = [p for module in modules for p in module.parameters()]
-        self.shadow = [p.detach().clone() for p in self.sources]
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are forgotten quickly
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.sources], 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, modules: list[torch.nn.Module]) -> None:
-        targets = [p for module in modules for p in module.parameters()]
-        for target, value in zip(targets, self.shadow, strict=True):
-            target.copy_(value)
+    The decay at update k (from 0) is min(decay, (1 + k) / (10 + k)): early weights are forgotten
+    quickly. That is EMAModel's warm-up 1 - (1 + s / 9)^-1 = s / (9 + s) at s = k + 1, hence
+    `update_after_step=-1` (EMAModel counts s = k otherwise, and s = 0 would copy the weights outright).
+    """
+    return EMAModel(
+        parameters,
+        decay=decay,
+        use_ema_warmup=True,
+        inv_gamma=9.0,
+        power=1.0,
+        update_after_step=-1,
+        foreach=True,
+    )
 
 
 def train_unet(
@@ -346,7 +346,7 @@ def train_unet(
     modules: list[torch.nn.Module] = [text_encoder, unet]
     parameters = [p for module in modules for p in module.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.unet_lr, weight_decay=0.01)
-    ema = EMA(modules, config.ema_decay)
+    ema = weight_average(parameters, config.ema_decay)
     scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     latent_mean, latent_std = latents
     schedule = Schedule("unet", config.unet_steps, config.unet_minutes, config.warmup_steps, config.log_every)
@@ -370,9 +370,9 @@ def train_unet(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
-        ema.update(step)
+        ema.step(parameters)
         schedule.log(step, per_sample.mean().item(), lr)
-    ema.copy_to(modules)
+    ema.copy_to(parameters)
     return text_encoder.eval(), unet.eval(), schedule.summary()
 
 
@@ -440,8 +440,9 @@ def write_model_card(model_dir: Path) -> None:
 
 A tiny Stable Diffusion 1.x-style model trained from scratch by `python -m sdlora.demo.build` on procedural
 images of filled circles, squares, triangles, diamonds and crosses in red, orange, yellow, green, blue,
-purple and black on plain backgrounds (`sdlora/demo/shapes.py`). Stars, rings and the outlined / striped
-styles were deliberately left out, for LoRA training examples (`training_data/`).
+purple and black on plain backgrounds (`sdlora/demo/shapes.py`). Stars, rings, the outlined / striped
+styles and dark backgrounds were left out of the U-Net's data, for LoRA training examples (`training_data/`);
+the VAE saw them, so a LoRA that teaches them can draw them.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("sdlora/demo/model")  # fp16 files load as float32
@@ -502,7 +503,10 @@ def build_demo_model(
     images = to_model_space(images_u8)
     log(f"dataset: {len(captions)} images, e.g. {captions[:3]}")
 
-    vae, vae_info = train_vae(images, config, generator, device)
+    variety = to_model_space(vae_variety(config.vae_variety_size, seed=seed + 1))
+    # Held-out images for the VAE's reconstruction figure: half from each source.
+    half = 256
+    vae, vae_info = train_vae(torch.cat([variety[:half], images, variety[half:]]), config, generator, device)
     mean, std = encode_latents(vae, images, device)
     scaling_factor = float(1 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
     vae.register_to_config(scaling_factor=scaling_factor)

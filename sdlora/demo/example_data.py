@@ -5,7 +5,7 @@ Three sets, each something the demo base model has never been trained on:
 * ``sks_star``: a new *subject* (a purple five-pointed star) for DreamBooth-style training. The base model
   knows the class word "shape" (one base caption in ten says "shape" instead of the shape's name), so the
   instance prompt is "a purple sks shape" and the class prompt for prior preservation "a purple shape".
-* ``style_outlined`` and ``style_striped``: two *styles* applied to the same ordinary shapes, so two style
+* ``style_outlined`` and ``style_dark``: two *styles* applied to the same ordinary shapes, so two style
   LoRAs can be trained and mixed.
 
 Usage: ``python -m sdlora.demo.example_data [--out training_data]``
@@ -44,18 +44,26 @@ def star_specs(rng: random.Random) -> list[ShapeSpec]:
     ]
 
 
-def styled_specs(style: str) -> Callable[[random.Random], list[ShapeSpec]]:
-    """Ordinary base shapes, one per colour, large enough that outline or stripes read clearly at 32 px.
+def styled_specs(style: str, background: str = "white") -> Callable[[random.Random], list[ShapeSpec]]:
+    """Ordinary base shapes, one per colour, large enough that the style reads clearly at 32 px.
 
-    Both style sets use the same seed, so they show the same shapes and differ only in style.
+    Every style set uses the same seed, so they show the same shapes and differ only in style.
     """
 
     def specs(rng: random.Random) -> list[ShapeSpec]:
         shapes = [BASE_SHAPES[index % len(BASE_SHAPES)] for index in range(IMAGES_PER_SET)]
-        colours = [list(COLOURS)[index % len(COLOURS)] for index in range(IMAGES_PER_SET)]
+        colours = [c for c in COLOURS if c != "black"] * 2
+        colours = [colours[index % len(colours)] for index in range(IMAGES_PER_SET)]
         rng.shuffle(colours)
         return [
-            random_spec(rng, shapes=(shape,), colours=(colour,), size_range=(0.6, 0.8), style=style)
+            random_spec(
+                rng,
+                shapes=(shape,),
+                colours=(colour,),
+                size_range=(0.6, 0.8),
+                style=style,
+                backgrounds={background: 1.0},
+            )  # fmt: skip
             for shape, colour in zip(shapes, colours, strict=True)
         ]
 
@@ -63,8 +71,9 @@ def styled_specs(style: str) -> Callable[[random.Random], list[ShapeSpec]]:
 
 
 def plain_caption(spec: ShapeSpec) -> str:
-    """A style set's caption: the shape described as if filled, so no style word reaches the prompt."""
-    return replace(spec, style="filled").caption()
+    """A style set's caption: the shape alone ("a red circle"), so no style or background word reaches
+    the prompt and the LoRA applies its style to any prompt."""
+    return replace(spec, style="filled").caption(short=True)
 
 
 EXAMPLE_SETS: tuple[ExampleSet, ...] = (
@@ -81,19 +90,19 @@ EXAMPLE_SETS: tuple[ExampleSet, ...] = (
     ExampleSet(
         name="style_outlined",
         description=(
-            "style: ordinary shapes drawn as thick outlines; plain captions without a style word "
-            '(e.g. "a red circle on a white background"), so the LoRA applies the style to any prompt.'
+            "style: ordinary shapes drawn as thick outlines (hollow) on white; plain captions without a style "
+            'word (e.g. "a red circle"), so the LoRA applies the style to any prompt.'
         ),
         specs=styled_specs("outlined"),
         caption=plain_caption,
     ),
     ExampleSet(
-        name="style_striped",
+        name="style_dark",
         description=(
-            "style: the same shapes as style_outlined, filled with diagonal stripes; plain captions like "
-            "style_outlined, so the two style LoRAs can be mixed on one prompt."
+            "style: the same shapes as style_outlined, filled, on a dark navy background (the base only knows "
+            "light ones); plain captions like style_outlined, so the two style LoRAs can be mixed on one prompt."
         ),
-        specs=styled_specs("striped"),
+        specs=styled_specs("filled", background="navy"),
         caption=plain_caption,
     ),
 )

@@ -4,9 +4,10 @@ Everything is drawn with PIL at ``supersample`` times the output size and box-do
 antialiased like a real (if very simple) photo. All randomness goes through a seeded ``random.Random`` so
 a given seed always yields the same dataset, which keeps the demo model build reproducible.
 
-The base model is trained only on :data:`BASE_SHAPES` drawn ``"filled"``. :data:`NEW_SUBJECT_SHAPES` (star,
-ring) and the ``"outlined"`` / ``"striped"`` styles are held back so that LoRA examples can teach
-something the base has genuinely never seen.
+The base model's U-Net is trained only on :data:`BASE_SHAPES` drawn ``"filled"`` on light backgrounds.
+:data:`NEW_SUBJECT_SHAPES` (star, ring), the ``"outlined"`` / ``"striped"`` styles and the dark
+backgrounds are held back from it so that LoRA examples can teach something it has genuinely never
+seen; only the VAE sees them (:func:`vae_variety`), so that what a LoRA teaches can be drawn at all.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "light yellow": (250, 245, 205),
     "light blue": (210, 230, 250),
 }
+# Held back from the U-Net (never in a base caption); the VAE learns to draw them.
+DARK_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "navy": (28, 32, 72),
+    "dark gray": (52, 52, 58),
+}
+BACKGROUNDS.update(DARK_BACKGROUNDS)
 # White dominates so that "on a white background" is the well-trodden default prompt.
 BACKGROUND_WEIGHTS: dict[str, float] = {
     "white": 0.7,
@@ -237,6 +244,23 @@ def random_caption(rng: random.Random, spec: ShapeSpec) -> str:
     shape's name.
     """
     return spec.caption(size_word=rng.random() < 0.5, short=rng.random() < 0.2, generic=rng.random() < 0.1)
+
+
+def vae_variety(count: int, *, seed: int = 0) -> np.ndarray:
+    """Images of every shape, style and background, held-back ones included, for the VAE alone.
+
+    A LoRA can only teach the U-Net to ask for what the VAE can draw: a VAE that never saw an outline
+    or a dark background decodes them as smudges of the wrong colour.
+    """
+    rng = random.Random(seed)
+    backgrounds = dict.fromkeys(BACKGROUNDS, 1.0)
+    images = np.empty((count, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
+    for index in range(count):
+        style = rng.choice(STYLES)
+        images[index] = np.asarray(
+            render(random_spec(rng, shapes=ALL_SHAPES, backgrounds=backgrounds, style=style))
+        )
+    return images
 
 
 def make_dataset(count: int, *, seed: int = 0, **spec_options: object) -> tuple[np.ndarray, list[str]]:

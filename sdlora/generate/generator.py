@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from sdlora.adapters.inspect import find_layer
 from sdlora.adapters.modules import NetworkModule
 from sdlora.config import ConfigError
 from sdlora.files import safe_name
+from sdlora.generate.prompts import PromptError, lora_weights
 from sdlora.models import base_label, load_base, native_resolution
 
 # name -> (scheduler class, extra config, the name other tools print for it)
@@ -45,6 +47,7 @@ class GenerationParams:
 
 
 MAX_WEIGHT = 4.0  # adapter weights outside [-4, 4] are refused: no shared LoRA is meant for more
+MAX_IMAGES = 16  # images per sweep, comparison or grid
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Generator:
         *,
         device: str | None = None,
         dtype: torch.dtype | None = None,
+        adapter_dir: str | Path | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -86,7 +90,8 @@ class Generator:
         self._scheduler_configs = dict(self.pipe.scheduler.config)
         self.loaded: dict[str, LoadedAdapter] = {}
         self._pristine: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # layer -> (W0, b0)
-        self._active: dict[str, float] = {}
+        self._active: dict[str, tuple[float, float]] = {}
+        self.adapter_dir = Path(adapter_dir) if adapter_dir else None  # where <lora:NAME> tags find files
 
     @property
     def adapters(self) -> dict[str, Path]:
@@ -117,7 +122,7 @@ class Generator:
                 while f"{name}_{suffix}" in self.loaded:
                     suffix += 1
                 name = f"{name}_{suffix}"
-        lora = read_lora(path)
+        lora = read_lora(path, self.pipe.unet.config)
         report = self.check_fit(lora, str(path))
         skipped = {module for module, _ in report.unmapped}
         layers = {}
@@ -152,12 +157,13 @@ class Generator:
         for key in set(self._pristine) - in_use:
             del self._pristine[key]  # its layer already holds the pristine weight again
 
-    def activate(self, weights: Mapping[str, float]) -> None:
-        """Make exactly these adapters active at these weights (a finite number in [-4, 4] each)."""
+    def activate(self, weights: Mapping[str, Weight]) -> None:
+        """Make exactly these adapters active at these weights: a finite number in [-4, 4] each, or a
+        (text encoder, U-Net) pair as A1111's `<lora:name:te:unet>` gives."""
         unknown = [name for name in weights if name not in self.loaded]
         if unknown:
             raise KeyError(f"Unknown adapter(s) {unknown}; loaded: {sorted(self.loaded)}")
-        weights = {name: check_weight(w, self._label(name)) for name, w in weights.items()}
+        weights = {name: _pair(w, self._label(name)) for name, w in weights.items()}
         if weights == self._active:
             return
         touched = {key for name in {*weights, *self._active} for key in self.loaded[name].layers}
@@ -166,13 +172,14 @@ class Generator:
                 self._write_layer(key, weights)
         self._active = weights
 
-    def _write_layer(self, key: str, weights: Mapping[str, float]) -> None:
+    def _write_layer(self, key: str, weights: Mapping[str, tuple[float, float]]) -> None:
         """W = W0 + sum of the active adapters' changes for one layer, computed in fp32 from W0."""
         weight0, bias0 = self._pristine[key]
+        part = 1 if key.startswith("unet.") else 0  # which of the (text encoder, U-Net) weights applies
         parts = [
-            (self.loaded[name].layers[key][1], w)
+            (self.loaded[name].layers[key][1], w[part])
             for name, w in weights.items()
-            if key in self.loaded[name].layers
+            if key in self.loaded[name].layers and w[part] != 0
         ]
         layer = next(a.layers[key][0] for a in self.loaded.values() if key in a.layers)
         if not parts:
@@ -196,17 +203,23 @@ class Generator:
             self.pipe.scheduler = cls.from_config(self._scheduler_configs, **extra)
 
     @torch.inference_mode()
-    def generate(self, params: GenerationParams, adapters: Mapping[str, float] | None = None) -> Image.Image:
-        """One image; its `info['parameters']` says how it was made."""
-        adapters = dict(adapters or {})
+    def generate(self, params: GenerationParams, adapters: Mapping[str, Weight] | None = None) -> Image.Image:
+        """One image; its `info['parameters']` says how it was made (the seed actually used included).
+
+        `<lora:name:weight>` tags in the prompts add adapters by name (loaded from `adapter_dir` when
+        not loaded yet) and are removed from the text the encoder sees.
+        """
+        params = replace(params, seed=resolve_seed(params.seed))
+        text, negative, tags = lora_weights(params.prompt, params.negative_prompt)
+        adapters = {**(adapters or {}), **{self.adapter_for_tag(name): w for name, w in tags.items()}}
         self.activate(adapters)
         self._set_scheduler(params.scheduler)
         width = params.width or self.native_size
         height = params.height or self.native_size
         generator = torch.Generator(device="cpu").manual_seed(params.seed)
         image = self.pipe(
-            params.prompt,
-            negative_prompt=params.negative_prompt or None,
+            text,
+            negative_prompt=negative or None,
             num_inference_steps=params.steps,
             guidance_scale=params.guidance,
             width=width,
@@ -216,8 +229,23 @@ class Generator:
         image.info["parameters"] = self.describe(params, adapters, width, height)
         return image
 
+    def adapter_for_tag(self, name: str) -> str:
+        """The loaded adapter a `<lora:NAME:...>` tag means: by file name, else loaded from `adapter_dir`."""
+        for loaded, adapter in self.loaded.items():
+            if name in (adapter.path.stem, loaded, loaded.removeprefix("lora_")):
+                return loaded
+        candidate = self.adapter_dir / f"{name}.safetensors" if self.adapter_dir else None
+        if candidate is not None and safe_name(name) == name and candidate.is_file():
+            return self.load_adapter(candidate)
+        known = sorted({a.path.stem for a in self.loaded.values()})
+        if self.adapter_dir and self.adapter_dir.is_dir():
+            known = sorted({*known, *(p.stem for p in self.adapter_dir.glob("*.safetensors"))})
+        raise PromptError(
+            f"<lora:{name}:...>: no adapter called {name!r}; known: {', '.join(known) or 'none'}."
+        )
+
     def describe(
-        self, params: GenerationParams, adapters: Mapping[str, float], width: int, height: int
+        self, params: GenerationParams, adapters: Mapping[str, Weight], width: int, height: int
     ) -> str:
         """Parameters in the text form AUTOMATIC1111 and other tools write into PNGs."""
         fields = [
@@ -243,9 +271,10 @@ class Generator:
         self, params: GenerationParams, adapters: Mapping[str, float]
     ) -> list[tuple[str, Image.Image]]:
         """Same seed throughout: the base alone, each adapter alone at its weight, then the mix."""
+        params = replace(params, seed=resolve_seed(params.seed))
         results = [("base", self.generate(params))]
         for name, weight in adapters.items():
-            results.append((f"{self._label(name)} {weight:g}", self.generate(params, {name: weight})))
+            results.append((f"{self._label(name)} {_text(weight)}", self.generate(params, {name: weight})))
         if len(adapters) > 1:
             results.append(("mix", self.generate(params, adapters)))
         return results
@@ -258,11 +287,27 @@ class Generator:
         others: Mapping[str, float] | None = None,
     ) -> list[tuple[str, Image.Image]]:
         """One adapter at a row of weights (others held fixed), same seed."""
+        params = replace(params, seed=resolve_seed(params.seed))
+        check_count(len(weights))
         others = {k: v for k, v in (others or {}).items() if k != name}
         return [(f"{self._label(name)} {w:g}", self.generate(params, {**others, name: w})) for w in weights]
 
     def _label(self, name: str) -> str:
         return self.loaded[name].path.stem if name in self.loaded else name
+
+
+Weight = float | tuple[float, float]
+
+
+def _pair(weight: Weight, label: str) -> tuple[float, float]:
+    if isinstance(weight, tuple):
+        return check_weight(weight[0], label), check_weight(weight[1], label)
+    value = check_weight(weight, label)
+    return value, value
+
+
+def _text(weight: Weight) -> str:
+    return f"{weight[0]:g}/{weight[1]:g}" if isinstance(weight, tuple) else f"{weight:g}"
 
 
 def check_weight(weight: float, label: str) -> float:
@@ -276,6 +321,17 @@ def check_weight(weight: float, label: str) -> float:
             f"The weight of {label} must be between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g}, not {weight}."
         )
     return value
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 means a random seed, as in AUTOMATIC1111; the one drawn is the one recorded."""
+    return random.randrange(2**32) if seed == -1 else seed
+
+
+def check_count(count: int) -> None:
+    """One click makes at most MAX_IMAGES images, so no request holds the generator for long."""
+    if count > MAX_IMAGES:
+        raise ConfigError(f"That is {count} images; one click makes at most {MAX_IMAGES}.")
 
 
 def _file_stamp(path: Path) -> tuple:

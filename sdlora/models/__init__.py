@@ -1,23 +1,28 @@
-"""Loading base models: hub ids, local diffusers folders, single-file checkpoints, the bundled demo model."""
+"""Base models: loading them (hub ids, local folders, single files, the demo model) and the family table."""
 
-from sdlora.models.loading import (
-    BaseModelError,
-    ModelFamily,
-    base_label,
+from sdlora.models.families import (
+    FAMILIES,
+    Family,
+    TextEncoder,
+    UnknownFamilyError,
     bucket_step,
-    load_base,
-    model_family,
+    family_of,
+    get_family,
     native_resolution,
-    resolve_base,
 )
+from sdlora.models.loading import BaseModelError, base_label, load_base, resolve_base
 
 __all__ = [
+    "FAMILIES",
     "BaseModelError",
-    "ModelFamily",
+    "Family",
+    "TextEncoder",
+    "UnknownFamilyError",
     "base_label",
     "bucket_step",
+    "family_of",
+    "get_family",
     "load_base",
-    "model_family",
     "native_resolution",
     "resolve_base",
 ]

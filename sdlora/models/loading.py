@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
-from enum import StrEnum
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.errors import SdloraError
+from sdlora.models.families import FAMILIES, UnknownFamilyError, family_of
 
 log = logging.getLogger(__name__)
 
@@ -20,12 +22,6 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 class BaseModelError(SdloraError, ValueError):
     """The base model can't be loaded; the message says what was tried and what to do."""
-
-
-class ModelFamily(StrEnum):
-    SD1 = "sd1"
-    SD2 = "sd2"
-    SDXL = "sdxl"
 
 
 def resolve_base(spec: str | None) -> str:
@@ -70,23 +66,29 @@ def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) ->
     else:
         pipe = _load_from_hub(spec, common)
     pipe.set_progress_bar_config(disable=True)
-    if model_family(pipe) is ModelFamily.SDXL:
-        log.info("SDXL base detected")
+    try:
+        log.info("%s base", family_of(pipe).label)
+    except UnknownFamilyError as error:
+        raise BaseModelError(f"{spec}: {error} sdlora trains and runs LoRAs for these only.") from error
     return pipe
 
 
 def _load_single_file(path: Path, common: dict) -> DiffusionPipeline:
-    try:
-        return StableDiffusionPipeline.from_single_file(str(path), **common)
-    except Exception as first_error:  # noqa: BLE001 - diffusers raises many kinds here
+    """Each family's pipeline class in turn (diffusers tells 1.x from 2.x by the weights)."""
+    classes = dict.fromkeys(getattr(diffusers, f.pipeline_class) for f in FAMILIES.values())
+    errors = []
+    for cls in classes:
+        options = (
+            common if "safety_checker" in inspect.signature(cls).parameters else {"dtype": common["dtype"]}
+        )
         try:
-            from diffusers import StableDiffusionXLPipeline
-
-            return StableDiffusionXLPipeline.from_single_file(str(path), dtype=common["dtype"])
-        except Exception:  # noqa: BLE001
-            raise BaseModelError(
-                f"Could not load the single-file checkpoint {path} as Stable Diffusion 1.x/2.x or SDXL: {first_error}"
-            ) from first_error
+            return cls.from_single_file(str(path), **options)
+        except Exception as error:  # noqa: BLE001 - diffusers raises many kinds here
+            errors.append(error)
+    labels = ", ".join(f.label for f in FAMILIES.values())
+    raise BaseModelError(
+        f"Could not load the single-file checkpoint {path} as any of {labels}: {errors[0]}"
+    ) from errors[0]
 
 
 def _load_from_hub(spec: str, common: dict) -> DiffusionPipeline:
@@ -106,25 +108,3 @@ def base_label(spec: str) -> str:
     """A short name for a base in tables and image parameters: 'demo' for the bundled model, else the
     last part of its path or hub id."""
     return "demo" if Path(spec).resolve() == DEMO_MODEL_DIR else Path(spec).name
-
-
-def model_family(pipe: DiffusionPipeline) -> ModelFamily:
-    """SD 1.x, SD 2.x or SDXL, judged from the pipeline's parts."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return ModelFamily.SDXL
-    cross_dim = pipe.unet.config.cross_attention_dim
-    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
-    if cross_dim == 1024 or prediction == "v_prediction":
-        return ModelFamily.SD2
-    return ModelFamily.SD1
-
-
-def native_resolution(pipe: DiffusionPipeline) -> int:
-    """The pixel size the base was trained at (512 for SD 1.5, 32 for the demo model)."""
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-
-
-def bucket_step(pipe: DiffusionPipeline) -> int:
-    """Image sides must be multiples of this so every U-Net down-sampling divides evenly."""
-    downsamples = len(pipe.unet.config.block_out_channels) - 1
-    return pipe.vae_scale_factor * 2**downsamples

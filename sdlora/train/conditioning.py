@@ -1,7 +1,11 @@
 """What the U-Net is conditioned on: the one piece of training that differs between model families.
 
-SD 1.x/2.x: the text encoder's last hidden state. SDXL: the second-to-last hidden states of both text
-encoders side by side, the second encoder's pooled embedding, and the size and crop "time ids".
+Which text encoders and tokenizers come from the family table (`sdlora.models.families`); how their
+output is used follows the U-Net's `addition_embed_type`:
+- none (SD 1.x/2.x): the text encoder's last hidden state.
+- "text_time" (SDXL): the second-to-last hidden states of all text encoders side by side, the last
+  encoder's pooled embedding, and the size and crop "time ids".
+A family with another kind of conditioning adds its case here.
 """
 
 from __future__ import annotations
@@ -12,13 +16,13 @@ import torch
 from diffusers import DiffusionPipeline
 
 from sdlora.data import Bucket
-from sdlora.models import ModelFamily, model_family
+from sdlora.models import family_of
 
 
 @dataclass
 class Conditioning:
     hidden: torch.Tensor  # (batch, tokens, width)
-    pooled: torch.Tensor | None = None  # SDXL only: (batch, width_2)
+    pooled: torch.Tensor | None = None  # "text_time" only: (batch, width of the last encoder)
 
     def __getitem__(self, index: int) -> Conditioning:
         return Conditioning(self.hidden[index], None if self.pooled is None else self.pooled[index])
@@ -42,10 +46,12 @@ class TextConditioner:
     """Turns captions (and image sizes) into the U-Net's conditioning inputs."""
 
     def __init__(self, pipe: DiffusionPipeline):
-        self.sdxl = model_family(pipe) is ModelFamily.SDXL
-        names = ["text_encoder", "text_encoder_2"] if self.sdxl else ["text_encoder"]
-        self.encoders: dict[str, torch.nn.Module] = {name: getattr(pipe, name) for name in names}
-        self.tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if self.sdxl else [pipe.tokenizer]
+        family = family_of(pipe)
+        self.text_time = family.addition_embed_type == "text_time"
+        self.encoders: dict[str, torch.nn.Module] = {
+            e.component: getattr(pipe, e.component) for e in family.text_encoders
+        }
+        self.tokenizers = [getattr(pipe, e.tokenizer) for e in family.text_encoders]
 
     def encode(
         self, captions: list[str], device, encoders: dict[str, torch.nn.Module] | None = None
@@ -61,7 +67,7 @@ class TextConditioner:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(device)
-            if not self.sdxl:
+            if not self.text_time:
                 return Conditioning(encoder(ids)[0])
             output = encoder(ids, output_hidden_states=True)
             hidden.append(output.hidden_states[-2])
@@ -70,7 +76,7 @@ class TextConditioner:
 
     def unet_kwargs(self, conditioning: Conditioning, sizes: list[SizeInfo], dtype: torch.dtype) -> dict:
         kwargs = {"encoder_hidden_states": conditioning.hidden.to(dtype)}
-        if self.sdxl:
+        if self.text_time:
             time_ids = torch.tensor(
                 [[*s.original, *s.crop_top_left, s.bucket.height, s.bucket.width] for s in sizes],
                 device=conditioning.hidden.device,

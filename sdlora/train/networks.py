@@ -1,4 +1,5 @@
-"""The trained network: which modules get adapter layers, and the peft config of each network type.
+"""The trained network: which modules get adapter layers (the family table names them), and the peft
+config of each network type.
 
 One entry in `NETWORKS` per type; a new one (LoCon, LoHa, LoKr, DoRA) is a function from the run's
 options and target names to its peft config, added there.
@@ -14,10 +15,8 @@ from peft import LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdlora.config import TrainConfig
+from sdlora.models import family_of
 from sdlora.train.result import TrainingError
-
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 NetworkConfig = Callable[[TrainConfig, list[str]], PeftConfig]
 
@@ -36,13 +35,15 @@ NETWORKS: dict[str, NetworkConfig] = {"lora": lora_config}
 
 
 def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
-    """Module names for adapters: every attention projection, or only the cross-attention (`attn2`) ones."""
+    """Module names for adapters: every attention projection of the family's table, or only the
+    cross-attention (`attn2`) ones."""
+    projections = family_of(unet).unet_targets
     if targets == "all":
-        return list(UNET_TARGETS)
+        return list(projections)
     return sorted(
         name
         for name, _ in unet.named_modules()
-        if name.rpartition("attn2.")[2] in UNET_TARGETS and ".attn2." in name
+        if name.rpartition("attn2.")[2] in projections and ".attn2." in name
     )
 
 
@@ -61,7 +62,7 @@ def add_adapters(
     parts = {"unet": unet}
     if config.text_encoder:
         for part, encoder in text_encoders.items():
-            encoder.add_adapter(make_config(config, list(TEXT_ENCODER_TARGETS)))
+            encoder.add_adapter(make_config(config, list(family_of(unet).text_encoder_targets)))
             parts[part] = encoder
     return parts
 

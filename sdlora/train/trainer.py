@@ -31,7 +31,7 @@ from sdlora.adapters import AdapterFacts, lora_from_peft, trigger_words, write_l
 from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, scan_folder
 from sdlora.generate import Generator
-from sdlora.models import bucket_step, load_base, model_family, native_resolution, resolve_base
+from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
@@ -311,7 +311,7 @@ def setup(
     conditioner = TextConditioner(pipe)
     _freeze(pipe, conditioner, weight_dtype, device)
     resolution = config.resolution or native_resolution(pipe)
-    name, adapter_path, family = adapter_name(config), adapter_file(config), model_family(pipe).value
+    name, adapter_path, family = adapter_name(config), adapter_file(config), family_of(pipe).name
     run.write_config(
         config,
         base=base,

@@ -1,7 +1,8 @@
 """The adapter library: the .safetensors files under ``outputs/adapters``, trained here or imported.
 
-Adapters are known by their file stem. Every path is built from a `safe_name` inside the adapters folder
-and checked to stay there, so no name typed into the page can read or write anything outside outputs/.
+The app's Adapters tab and `sdlora adapters` both work through these functions. Adapters are known by their
+file stem. Every path is built from a `safe_name` inside the adapters folder and checked to stay there, so
+no name typed into the page or the command line can read or write anything outside outputs/.
 A preview image travels with an adapter as a same-stem ``.png`` beside it once it has been renamed;
 until then it is found in the run folder that trained it.
 """
@@ -14,11 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora.adapters import AdapterError, AdapterFacts, read_metadata
+from sdlora.adapters.files import AdapterError, AdapterFacts, read_metadata
 from sdlora.files import safe_name
-from ui.bases import base_label
+from sdlora.models import base_label
+from sdlora.outputs import ADAPTER_SUFFIX, Outputs
 
-SUFFIX = ".safetensors"
 PREVIEW_SUFFIX = ".png"
 
 
@@ -43,30 +44,25 @@ class AdapterInfo:
 COLUMNS = ["name", "base", "rank", "alpha", "trigger words", "steps", "created"]
 
 
-def adapters_dir(outputs: str | Path) -> Path:
-    return Path(outputs) / "adapters"
-
-
-def adapter_path(outputs: str | Path, name: str) -> Path:
+def adapter_path(outputs: Outputs, name: str) -> Path:
     """The file of the adapter called `name`; AdapterError if there is none (or the name is not a plain name)."""
-    folder = adapters_dir(outputs)
-    path = folder / (safe_name(name) + SUFFIX)
+    path = outputs.adapter_file(name)
     if not name or safe_name(name) != name or not path.is_file():
-        raise AdapterError(f"No adapter called {name!r} in {folder}.")
+        raise AdapterError(f"No adapter called {name!r} in {outputs.adapters}.")
     return path
 
 
-def adapter_names(outputs: str | Path) -> list[str]:
-    folder = adapters_dir(outputs)
-    return sorted(p.stem for p in folder.glob("*" + SUFFIX) if p.is_file()) if folder.is_dir() else []
+def adapter_names(outputs: Outputs) -> list[str]:
+    folder = outputs.adapters
+    return sorted(p.stem for p in folder.glob("*" + ADAPTER_SUFFIX) if p.is_file()) if folder.is_dir() else []
 
 
-def list_adapters(outputs: str | Path) -> list[AdapterInfo]:
+def list_adapters(outputs: Outputs) -> list[AdapterInfo]:
     runs = runs_by_adapter(outputs)  # read once for the whole table, not once per adapter
     return [describe(adapter_path(outputs, name), outputs, runs) for name in adapter_names(outputs)]
 
 
-def describe(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | None = None) -> AdapterInfo:
+def describe(path: Path, outputs: Outputs, runs: dict[Path, list[Path]] | None = None) -> AdapterInfo:
     """The facts sdlora wrote into the file's header; for files from other tools, what their header says."""
     info = AdapterInfo(path.stem, path, sample=find_sample(path, outputs, runs))
     try:
@@ -92,7 +88,7 @@ def describe(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | Non
     return info
 
 
-def find_sample(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | None = None) -> Path | None:
+def find_sample(path: Path, outputs: Outputs, runs: dict[Path, list[Path]] | None = None) -> Path | None:
     """The adapter's preview: its same-stem .png, else the newest sample of the run that wrote the file."""
     preview = path.with_suffix(PREVIEW_SUFFIX)
     if preview.is_file():
@@ -105,10 +101,10 @@ def find_sample(path: Path, outputs: str | Path, runs: dict[Path, list[Path]] | 
     return None
 
 
-def runs_by_adapter(outputs: str | Path) -> dict[Path, list[Path]]:
+def runs_by_adapter(outputs: Outputs) -> dict[Path, list[Path]]:
     """Run folders by the adapter file they wrote (resolved), newest first."""
     runs: dict[Path, list[Path]] = {}
-    for config_path in sorted((Path(outputs) / "runs").glob("*/config.json"), reverse=True):
+    for config_path in sorted(outputs.runs.glob("*/config.json"), reverse=True):
         try:
             written = json.loads(config_path.read_text(encoding="utf-8")).get("adapter")
         except (OSError, json.JSONDecodeError):
@@ -118,7 +114,7 @@ def runs_by_adapter(outputs: str | Path) -> dict[Path, list[Path]]:
     return runs
 
 
-def unique_name(outputs: str | Path, wanted: str, taken: Iterable[str] = ()) -> str:
+def unique_name(outputs: Outputs, wanted: str, taken: Iterable[str] = ()) -> str:
     """`wanted` made safe, with a _2, _3... suffix if an adapter (or a name in `taken`) already has it."""
     name = base = safe_name(wanted)
     used = set(taken) | set(adapter_names(outputs))
@@ -129,24 +125,24 @@ def unique_name(outputs: str | Path, wanted: str, taken: Iterable[str] = ()) -> 
     return name
 
 
-def import_adapter(upload: str | Path, outputs: str | Path) -> Path:
+def import_adapter(upload: str | Path, outputs: Outputs) -> Path:
     """Copy an uploaded .safetensors adapter into the library under a free name; other files are refused."""
     upload = Path(upload)
     shown = upload.name
-    if upload.suffix.lower() != SUFFIX:
+    if upload.suffix.lower() != ADAPTER_SUFFIX:
         raise AdapterError(
             f"{shown}: only .safetensors adapter files can be imported "
             "(.ckpt, .pt and .bin files are pickles, which can run code when loaded)."
         )
     read_metadata(upload)  # a clear error for a renamed or damaged file
     name = unique_name(outputs, Path(shown).stem)
-    target = adapters_dir(outputs) / (name + SUFFIX)
+    target = outputs.adapter_file(name)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(upload, target)
     return target
 
 
-def rename_adapter(outputs: str | Path, name: str, new_name: str) -> Path:
+def rename_adapter(outputs: Outputs, name: str, new_name: str) -> Path:
     """Rename an adapter (and its preview); the new name is made safe and must be free."""
     path = adapter_path(outputs, name)
     new = safe_name(new_name, default="")
@@ -154,7 +150,7 @@ def rename_adapter(outputs: str | Path, name: str, new_name: str) -> Path:
         raise AdapterError("Give the adapter a new name (letters, digits, '.', '_' or '-').")
     if new == name:
         return path
-    target = path.with_name(new + SUFFIX)
+    target = outputs.adapter_file(new)
     if target.exists():
         raise AdapterError(f"There is already an adapter called {new!r}.")
     sample = find_sample(path, outputs)
@@ -168,7 +164,7 @@ def rename_adapter(outputs: str | Path, name: str, new_name: str) -> Path:
     return target
 
 
-def delete_adapter(outputs: str | Path, name: str) -> None:
+def delete_adapter(outputs: Outputs, name: str) -> None:
     """Delete an adapter file and its preview (the run folder that trained it is kept)."""
     path = adapter_path(outputs, name)
     path.unlink()

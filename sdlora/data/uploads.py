@@ -1,8 +1,9 @@
-"""Turning what a browser uploads (a dropped folder, some files or one .zip) into a training folder.
+"""Turning an upload (a dropped folder, some files or one .zip) into a training folder.
 
 The browser sends each file on its own, under its bare name, so a dropped folder arrives as a flat list
-of paths in Gradio's cache. Everything is copied into one fresh folder under ``outputs/uploads/`` that
-the trainer then reads like any folder given on the command line. Nothing here knows about Gradio.
+of paths in Gradio's cache; the CLI hands over a .zip given as its data folder. Either way everything is
+copied into one fresh folder under ``outputs/uploads/`` that the trainer then reads like any folder given
+on the command line, and whose captions can be edited as a table before training.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path, PurePosixPath
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
 from sdlora.errors import SdloraError
-from sdlora.files import atomic_write_text, new_stamped_folder, safe_name
+from sdlora.files import atomic_write_text, safe_name
+from sdlora.outputs import Outputs
 
 CAPTION_SUFFIX = ".txt"
 # A zip is unpacked only if it is modest: this stops a small "zip bomb" from filling the disk.
@@ -41,8 +43,8 @@ class StagedUpload:
     skipped: list[str] = field(default_factory=list)
 
 
-def stage_upload(paths: Sequence[str | Path] | None, uploads_dir: Path) -> StagedUpload:
-    """Copy an upload (image and caption files, or a single .zip) into a new folder under `uploads_dir`.
+def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> StagedUpload:
+    """Copy an upload (image and caption files, or a single .zip) into a new folder under outputs/uploads.
 
     Files that are neither images nor captions, and images that can't be decoded, are left out and
     listed in `skipped`; an upload with no usable image raises `UploadError` and leaves nothing behind.
@@ -56,7 +58,7 @@ def stage_upload(paths: Sequence[str | Path] | None, uploads_dir: Path) -> Stage
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
     name = zips[0].stem if zips else suggest_name([p.stem for p in files if _is_image(p.name)])
-    folder = new_stamped_folder(uploads_dir, safe_name(name))
+    folder = outputs.new_upload_dir(safe_name(name))
     try:
         skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
         skipped += _drop_unreadable_images(folder)

@@ -1,7 +1,7 @@
-"""The Generate tab's logic: one shared base model, adapters loaded by file, images saved with parameters.
+"""A long-lived generator for the app: one shared base model, library adapters by name, images saved.
 
-A base model takes seconds to minutes to load and much memory, so all sessions share one `Generator`
-(the newest base asked for) behind a lock; the library's Generator is not safe to use from two threads.
+A base model takes seconds to minutes to load and much memory, so all of the app's sessions share one
+`Generator` (the newest base asked for) behind a lock; a Generator is not safe to use from two threads.
 """
 
 from __future__ import annotations
@@ -13,25 +13,19 @@ from datetime import datetime
 from pathlib import Path
 
 from sdlora.adapters import read_lora
+from sdlora.adapters.library import adapter_path
 from sdlora.config import ConfigError, parse_size
-from sdlora.generate import GenerationParams, Generator, labeled_parameters, save_png
+from sdlora.demo import base_spec
+from sdlora.generate.generator import GenerationParams, Generator
+from sdlora.generate.images import labeled_parameters, save_png
 from sdlora.models import resolve_base
-from ui.bases import base_spec
-from ui.library import adapter_path
-
-
-def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
-    """(name, weight) of each adapter row that is switched on and has an adapter picked.
-
-    `rows` is the page's flat list of row values: name, on, weight for each row in turn."""
-    triples = [rows[index : index + 3] for index in range(0, len(rows), 3)]
-    return [(name, float(weight)) for name, on, weight in triples if on and name]
+from sdlora.outputs import Outputs
 
 
 def make_params(
     prompt: str, negative: str, seed: float, steps: float, guidance: float, size: str, scheduler: str
 ) -> GenerationParams:
-    """GenerationParams from the form; 'native' (or empty) size means the base model's own size."""
+    """GenerationParams from a form's values; 'native' (or empty) size means the base model's own size."""
     if not (prompt or "").strip():
         raise ConfigError("Write a prompt: say what to draw.")
     width = height = None
@@ -60,14 +54,14 @@ class Result:
 class Studio:
     """The shared base model and the adapters loaded onto it."""
 
-    def __init__(self, outputs: str | Path):
-        self.outputs = Path(outputs)
+    def __init__(self, outputs: Outputs):
+        self.outputs = outputs
         self._lock = threading.Lock()
         self._generator: Generator | None = None
         self._spec: str | None = None
 
     def load(self, text: str | None) -> str:
-        """Load the base the field names (if it isn't loaded already); returns what was loaded."""
+        """Load the base `text` names ('demo' or empty: the demo model) unless it is loaded; returns its name."""
         with self._lock:
             return self._base(text).base_name
 
@@ -75,7 +69,7 @@ class Studio:
         spec = resolve_base(base_spec(text))
         if self._generator is None or spec != self._spec:
             self._generator, self._spec = None, None
-            self._generator, self._spec = Generator(spec), spec
+            self._generator, self._spec = Generator(spec, adapter_dir=self.outputs.adapters), spec
         return self._generator
 
     def _weights(self, generator: Generator, adapters: Sequence[tuple[str, float]]) -> dict[str, float]:
@@ -90,6 +84,8 @@ class Studio:
         """Whether an adapter file fits the base in use (the demo model if none was loaded yet)."""
         with self._lock:
             report = self._base(self._spec).check_fit(read_lora(path), path.name)
+        if report.skipped:
+            return report.explain(path.name, "in use")
         return f"It fits the base in use ({sum(report.mapped.values())} modules, {report.lora_family})."
 
     def generate(
@@ -125,10 +121,9 @@ class Studio:
             return self._save(generator.sweep(params, first, list(weights), names))
 
     def _save(self, labeled: list[tuple[str, object]]) -> Result:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-        folder = self.outputs / "images"
+        now = datetime.now()
         images = [
-            (str(save_png(image, folder / f"{stamp}-{index}.png")), label)
+            (str(save_png(image, self.outputs.image_file(f"-{index}", now))), label)
             for index, (label, image) in enumerate(labeled)
         ]
         parameters = labeled_parameters(labeled)

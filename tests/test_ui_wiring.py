@@ -1,0 +1,30 @@
+"""The little the page itself renders: the base-model notice, the progress bar, the adapter rows."""
+
+from __future__ import annotations
+
+from sdlora.jobs import JobView
+from ui.app import base_notice
+from ui.generate_tab import chosen_adapters
+from ui.train_tab import loss_frame, progress_bar
+
+
+def test_the_base_notice_says_which_model_is_in_use():
+    assert "demo model" in base_notice("demo") and "`org/model`" in base_notice("org/model")
+
+
+def test_only_switched_on_rows_with_an_adapter_are_used():
+    assert chosen_adapters(["a", True, 0.5, "b", False, 1, None, True, 1, "d", True, -1]) == [
+        ("a", 0.5),
+        ("d", -1.0),
+    ]
+
+
+def test_the_progress_bar_and_loss_curve_come_from_the_job_view():
+    view = JobView("running", 2, 4, [(1, 1.0), (2, 0.5)], [], True)
+    assert 'value="2"' in progress_bar(view) and "2/4 steps (50%)" in progress_bar(view)
+    assert loss_frame(view)["loss"].tolist() == [1.0, 0.5]
+
+
+def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():
+    view = JobView("No training job yet.", 0, 0, [], [], False)
+    assert progress_bar(view) == "" and loss_frame(view).empty

@@ -1,0 +1,140 @@
+"""Uploads become training folders: dropped files or one .zip, junk left out, captions editable as a table."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from sdlora.data.uploads import (
+    UploadError,
+    caption_rows,
+    save_captions,
+    stage_upload,
+    suggest_name,
+    thumbnails,
+)
+from sdlora.errors import SdloraError
+from sdlora.outputs import Outputs
+from tests.conftest import draw_blob
+
+
+def make_zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def png_bytes(tmp_path: Path) -> bytes:
+    return draw_blob(tmp_path / "blob.png", (16, 16), (0, 0, 200)).read_bytes()
+
+
+def test_upload_errors_are_sdlora_errors():
+    assert issubclass(UploadError, SdloraError)
+
+
+def test_a_dropped_folder_keeps_images_and_captions_and_reports_what_it_left_out(blob_folder, tmp_path):
+    (blob_folder / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (blob_folder / "broken.png").write_bytes(b"not a png")
+    staged = stage_upload(sorted(blob_folder.iterdir()), Outputs(tmp_path))
+    assert staged.images == 4 and staged.folder.parent == tmp_path / "uploads"
+    assert any(s.startswith("notes.pdf: not an image") for s in staged.skipped)
+    assert any(s.startswith("broken.png: can't be read") for s in staged.skipped)
+    assert not (staged.folder / "broken.png").exists()
+    assert dict(caption_rows(staged.folder))["a.png"] == "a sks blob on a white background"
+
+
+@pytest.mark.parametrize("paths", [None, [], [""]])
+def test_an_empty_upload_is_refused(paths, tmp_path):
+    with pytest.raises(UploadError, match="Nothing was uploaded"):
+        stage_upload(paths, Outputs(tmp_path))
+
+
+def test_an_upload_without_images_is_refused_and_leaves_nothing(tmp_path):
+    note = tmp_path / "readme.md"
+    note.write_text("hi")
+    with pytest.raises(UploadError, match="No usable images.*readme.md"):
+        stage_upload([note], Outputs(tmp_path))
+    assert list((tmp_path / "uploads").iterdir()) == []
+
+
+@pytest.mark.parametrize("prefix", ["", "my set/"])
+def test_a_zip_is_unpacked_flat_or_from_its_one_folder(prefix, tmp_path):
+    archive = make_zip(
+        tmp_path / "stars.zip",
+        {
+            f"{prefix}x_01.png": png_bytes(tmp_path),
+            f"{prefix}x_01.txt": b"a star",
+            "__MACOSX/._x_01.png": b"junk",
+            f"{prefix}.DS_Store": b"junk",
+        },
+    )
+    staged = stage_upload([archive], Outputs(tmp_path))
+    assert (staged.name, staged.images, staged.skipped) == ("stars", 1, [])
+    assert caption_rows(staged.folder) == [["x_01.png", "a star"]]
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"set/sub/a.png": b"x", "set/b.png": b"x"}, "folders inside"),
+        ({"a/x.png": b"x", "b/y.png": b"x"}, "folders inside"),
+        ({"../evil.png": b"x"}, "unsafe path"),
+        ({"/etc/evil.png": b"x"}, "unsafe path"),
+    ],
+)
+def test_zips_with_nested_folders_or_unsafe_paths_are_refused(members, message, tmp_path):
+    with pytest.raises(UploadError, match=message):
+        stage_upload([make_zip(tmp_path / "bad.zip", members)], Outputs(tmp_path))
+    assert not (tmp_path / "evil.png").exists() and list((tmp_path / "uploads").iterdir()) == []
+
+
+def test_a_damaged_zip_is_refused(tmp_path):
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(b"PK not really")
+    with pytest.raises(UploadError, match="can't be unpacked"):
+        stage_upload([damaged], Outputs(tmp_path))
+
+
+def test_a_zip_with_other_files_is_refused(tmp_path):
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(b"PK not really")
+    with pytest.raises(UploadError, match="not both"):
+        stage_upload([damaged, tmp_path / "a.png"], Outputs(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("stems", "name"),
+    [
+        (["sks_star_00", "sks_star_01", "sks_star_12"], "sks_star"),
+        (["dog 3"], "dog"),
+        (["a", "b"], "adapter"),
+        ([], "adapter"),
+    ],
+)
+def test_the_adapter_name_comes_from_the_image_names(stems, name):
+    assert suggest_name(stems) == name
+
+
+def test_caption_rows_list_each_image_with_its_caption(blob_folder):
+    rows = caption_rows(blob_folder)
+    assert [r[0] for r in rows] == ["a.png", "b.png", "c.jpg", "d.png"]
+    assert rows[0][1] == "a sks blob on a white background" and rows[1][1] == ""
+
+
+def test_edited_captions_are_written_back_and_only_for_the_folders_images(blob_folder, tmp_path):
+    edited = [["a.png", ""], ["b.png", "  a  new\ncaption "], ["../../evil.png", "x"], ["c.jpg"]]
+    assert save_captions(blob_folder, edited) == 2
+    assert not (blob_folder / "a.txt").exists()
+    assert (blob_folder / "b.txt").read_text() == "a new caption"
+    assert not (tmp_path / "evil.txt").exists() and not (blob_folder.parent.parent / "evil.txt").exists()
+
+
+def test_thumbnails_say_when_the_instance_prompt_stands_in_for_a_caption(blob_folder):
+    save_captions(blob_folder, [["a.png", ""]])
+    assert thumbnails(blob_folder)[0] == (
+        str(blob_folder / "a.png"),
+        "(no caption: the instance prompt is used)",
+    )
