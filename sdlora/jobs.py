@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
-from sdlora.train.events import DoneEvent, Event, SampleEvent, StartEvent, StepEvent
+from sdlora.train.events import EVENT_TYPES, DoneEvent, Event, SampleEvent, StartEvent, StepEvent
 from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder
 
@@ -55,9 +55,14 @@ class Job:
         start = self.last(StartEvent)
         return Path(start.run) if start else None
 
-    def last(self, kind: type[E]) -> E | None:
-        """The newest event of a kind (`StepEvent`, `SampleEvent`, ...), or None."""
-        return next((e for e in reversed(self.events) if isinstance(e, kind)), None)
+    @overload
+    def last(self, kind: type[E]) -> E | None: ...
+    @overload
+    def last(self, kind: str) -> Event | None: ...
+    def last(self, kind: type[Event] | str) -> Event | None:
+        """The newest event of a kind (`StepEvent`, or by its name, 'step'), or None."""
+        cls = EVENT_TYPES[kind] if isinstance(kind, str) else kind
+        return next((e for e in reversed(self.events) if isinstance(e, cls)), None)
 
 
 class JobQueue:
