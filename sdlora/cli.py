@@ -31,10 +31,9 @@ from sdlora.config import (
     parse_size,
     parse_weights,
 )
-from sdlora.demo import is_demo
 from sdlora.errors import SdloraError
 from sdlora.outputs import Outputs
-from sdlora.presets import PRESETS, preset_name, preset_values
+from sdlora.presets import PRESETS, preset_family, preset_name, preset_values
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -113,7 +112,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A preset's settings under the user's own; a .zip as the data folder is unpacked into outputs/uploads."""
     values = given_values(TrainConfig, args)
     if args.preset:
-        values = {**preset_values(args.preset, is_demo(values.get("base"))), **values}
+        values = {**preset_values(args.preset, preset_family(values.get("base"))), **values}
         if PRESETS[args.preset].prior and not values.get("class_prompt"):
             print(
                 f"The {args.preset} preset is meant with prior preservation: "

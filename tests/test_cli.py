@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from sdlora.cli import main, make_parser, parse_lora_arg, train_config_from_args
+from sdlora.presets import preset_values
 from tests.conftest import FACTS, draw_blob, fake_adapter
 
 
@@ -128,12 +129,13 @@ def test_a_preset_fills_the_settings_and_flags_override_it(tiny_base, blob_folde
     config = parsed_train_config(
         str(blob_folder), "--base", tiny_base, "--preset", "quick-test", "--rank", "2"
     )
-    assert (config.rank, config.alpha, config.steps, config.lr, config.sample_every) == (2, 4, 20, 1e-3, 10)
+    expected = {**preset_values("Quick test", "sd1"), "rank": 2}  # the tiny base counts as SD 1.x
+    assert {k: getattr(config, k) for k in expected} == expected
 
 
-def test_a_preset_is_scaled_down_for_the_demo_model(blob_folder, capsys):
+def test_the_demo_model_gets_the_demo_presets(blob_folder, capsys):
     config = parsed_train_config(str(blob_folder), "--preset", "Subject")
-    assert (config.steps, config.lr, config.num_class_images) == (300, 1e-3, 16)
+    assert (config.steps, config.lr, config.num_class_images, config.batch_size) == (400, 1e-3, 16, 4)
     assert "meant with prior preservation: add --class-prompt" in capsys.readouterr().err
 
 
@@ -143,7 +145,7 @@ def test_a_toml_file_overrides_a_preset(tiny_base, blob_folder, tmp_path):
     config = parsed_train_config(
         str(blob_folder), "--base", tiny_base, "--preset", "Style", "--config", str(toml)
     )
-    assert (config.steps, config.rank) == (7, 16)
+    assert (config.steps, config.rank) == (7, 32)
 
 
 def test_train_with_a_preset(tiny_base, blob_folder, tmp_path):
@@ -163,7 +165,7 @@ def test_train_with_a_preset(tiny_base, blob_folder, tmp_path):
     assert main([*argv, "--outputs", str(out), "--name", "styled"]) == 0
     (run,) = (out / "runs").iterdir()
     recorded = json.loads((run / "config.json").read_text())
-    assert (recorded["rank"], recorded["alpha"], recorded["steps"]) == (16, 16, 1)
+    assert (recorded["rank"], recorded["alpha"], recorded["steps"]) == (32, 16, 1)
 
 
 def test_train_on_a_zip(tiny_base, blob_folder, tmp_path, capsys):

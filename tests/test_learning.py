@@ -1,9 +1,13 @@
-"""Proof that training learns, on the bundled demo model (CPU, a few minutes):
+"""Proof that the app's presets learn the shipped examples, on the bundled demo model (CPU, a few minutes).
 
-- a LoRA trained on `training_data/sks_star` makes "a purple sks shape" draw the star, where the base does not;
-- with prior preservation, the class prompt alone drifts less toward the star than without it;
-- two style LoRAs stacked at (1 - t, t) move the measured style monotonically from outlined (hollow) to
-  striped (filled interior).
+Every adapter here is trained with the values `sdlora.presets` gives the app's and the CLI's preset
+menus for the demo model, so what passes here is what a user gets by pressing Start:
+
+- the Subject preset on `training_data/sks_star` makes "a purple sks shape" draw the star, where the base
+  does not; with prior preservation the class prompt alone drifts less toward the star, and the
+  subject is still learned;
+- the Style preset on `style_outlined` makes shapes hollow, on `style_dark` puts them on a dark
+  background, and the two stacked at (1 - t, t) slide from one to the other.
 
 `python -m tests.test_learning` prints the figures and writes the grid in docs/ that the README shows.
 """
@@ -20,19 +24,16 @@ from PIL import Image
 
 from sdlora.config import TrainConfig
 from sdlora.demo import demo_model_available
-from sdlora.demo.metrics import compactness, coverage
+from sdlora.demo.metrics import background_colour, compactness, coverage
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
+from sdlora.presets import preset_values
 from sdlora.train import train
 
 DATA = Path(__file__).resolve().parents[1] / "training_data"
 SEEDS = range(6)
 SUBJECT_PROMPT = "a purple sks shape on a white background"
 CLASS_PROMPT = "a purple shape on a white background"
-STYLE_PROMPTS = [
-    "a red circle on a white background",
-    "a blue square on a white background",
-    "a green circle on a white background",
-]
+STYLE_PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 STYLE_WEIGHTS = [0.0, 0.25, 0.5, 0.75, 1.0]
 GENERATION = {"steps": 25, "guidance": 4.0}
 
@@ -69,6 +70,11 @@ def star_distance(images: list[Image.Image], reference: list[Image.Image]) -> fl
     return float(np.mean([np.linalg.norm(shape_features(i) - target) for i in images]))
 
 
+def darkness(image: Image.Image) -> float:
+    """1 - the background's luminance (0 on white, ~0.85 on the dark style's navy)."""
+    return float(1 - background_colour(image).mean() / 255)
+
+
 def interior_ink(image: Image.Image) -> float:
     """Mean ink coverage in the middle half of the shape's box: ~0 for an outline, more for a fill."""
     alpha = coverage(image)
@@ -83,22 +89,22 @@ def interior_ink(image: Image.Image) -> float:
 # -------------------------------------------------------------------------------------------- training
 
 
+def preset_config(preset: str, out: Path, **fields) -> TrainConfig:
+    """A job as the app starts it: the preset's demo values, then the user's data, prompts and name."""
+    return TrainConfig(
+        **{**preset_values(preset, "demo"), "sample_every": 0, "seed": 0, "outputs": str(out), **fields}
+    )
+
+
 def train_adapters(out: Path) -> dict[str, Path]:
-    """The four LoRAs the claims need, trained on the demo model."""
-    common = {"rank": 4, "lr": 1e-3, "batch_size": 4, "snr_gamma": 5.0, "seed": 0, "outputs": str(out)}
-    subject = {"data_dir": str(DATA / "sks_star"), "prompt": "a purple sks shape", "steps": 400}
+    """The four adapters the claims need, each trained with its preset."""
+    subject = {"data_dir": str(DATA / "sks_star"), "prompt": "a purple sks shape"}
+    prior = {"class_prompt": "a purple shape", "class_dir": str(out / "class")}
     configs = {
-        "star": TrainConfig(**subject, **common, name="star"),
-        "star_prior": TrainConfig(
-            **subject,
-            **common,
-            name="star_prior",
-            class_prompt="a purple shape",
-            num_class_images=16,
-            class_dir=str(out / "class"),
-        ),
-        "outlined": TrainConfig(data_dir=str(DATA / "style_outlined"), steps=400, name="outlined", **common),
-        "striped": TrainConfig(data_dir=str(DATA / "style_striped"), steps=400, name="striped", **common),
+        "star": preset_config("Subject", out, **subject, name="star"),
+        "star_prior": preset_config("Subject", out, **subject, **prior, name="star_prior"),
+        "outlined": preset_config("Style", out, data_dir=str(DATA / "style_outlined"), name="outlined"),
+        "dark": preset_config("Style", out, data_dir=str(DATA / "style_dark"), name="dark"),
     }
     return {name: train(config).adapter for name, config in configs.items()}
 
@@ -127,6 +133,7 @@ def measure_subject(generator: Generator) -> dict[str, float]:
     return {
         "base": star_distance(render(generator, SUBJECT_PROMPT, {}), stars),
         "lora": star_distance(render(generator, SUBJECT_PROMPT, {"lora_star": 1.0}), stars),
+        "lora_with_prior": star_distance(render(generator, SUBJECT_PROMPT, {"lora_star_prior": 1.0}), stars),
         "training_images": star_distance(stars, stars),
     }
 
@@ -139,34 +146,56 @@ def measure_prior(generator: Generator) -> dict[str, float]:
     return {"base": base, "drift_without_prior": base - without, "drift_with_prior": base - with_prior}
 
 
-def measure_styles(generator: Generator) -> list[float]:
-    """Mean interior ink at each weight t of (outlined 1 - t, striped t): hollow outlines -> filled stripes."""
-    values = []
-    for t in STYLE_WEIGHTS:
-        images = [
-            i
-            for p in STYLE_PROMPTS
-            for i in render(generator, p, {"lora_outlined": 1 - t, "lora_striped": t}, seeds=range(3))
-        ]
-        values.append(float(np.mean([interior_ink(i) for i in images])))
-    return values
+def style_images(generator: Generator, weights: dict[str, float]) -> list[Image.Image]:
+    return [i for p in STYLE_PROMPTS for i in render(generator, p, weights, seeds=range(3))]
 
 
-def test_subject_lora_draws_the_subject(generator):
+def measure_styles(generator: Generator) -> dict[str, dict[str, float]]:
+    """Interior ink (outlines are hollow) and background darkness, for the base, each style, and the
+    cross-fade (outlined 1 - t, dark t)."""
+    mixes = {"base": {}, "outlined": {"lora_outlined": 1.0}, "dark": {"lora_dark": 1.0}}
+    mixes |= {f"t={t:g}": {"lora_outlined": 1 - t, "lora_dark": t} for t in STYLE_WEIGHTS}
+    figures = {}
+    for label, weights in mixes.items():
+        images = style_images(generator, weights)
+        figures[label] = {
+            "interior_ink": float(np.mean([interior_ink(i) for i in images])),
+            "darkness": float(np.mean([darkness(i) for i in images])),
+        }
+    return figures
+
+
+def test_subject_preset_draws_the_subject(generator):
     figures = measure_subject(generator)
     assert figures["lora"] < 0.5 * figures["base"], figures
 
 
-def test_prior_preservation_limits_drift(generator):
+def test_prior_preservation_limits_drift_without_wrecking_the_subject(generator):
     figures = measure_prior(generator)
     assert figures["drift_without_prior"] > 0, figures  # without it, "a purple shape" turns into stars
     assert figures["drift_with_prior"] < 0.6 * figures["drift_without_prior"], figures
+    subject = measure_subject(generator)
+    assert subject["lora_with_prior"] < 0.6 * subject["base"], subject
 
 
-def test_style_mix_moves_monotonically(generator):
-    values = measure_styles(generator)
-    assert all(b >= a for a, b in zip(values, values[1:], strict=False)), values
-    assert values[-1] - values[0] > 0.3, values
+@pytest.fixture(scope="module")
+def style_figures(generator) -> dict[str, dict[str, float]]:
+    return measure_styles(generator)
+
+
+def test_style_presets_show_their_styles(style_figures):
+    figures = style_figures
+    base, outlined, dark = figures["base"], figures["outlined"], figures["dark"]
+    assert outlined["interior_ink"] < base["interior_ink"] - 0.3, figures  # hollow shapes
+    assert dark["darkness"] > base["darkness"] + 0.4, figures  # dark backgrounds
+    assert outlined["darkness"] < base["darkness"] + 0.1, figures  # each style keeps to itself
+
+
+def test_style_cross_fade_moves_monotonically(style_figures):
+    figures = style_figures
+    values = [figures[f"t={t:g}"]["darkness"] for t in STYLE_WEIGHTS]
+    assert all(b >= a - 0.02 for a, b in zip(values, values[1:], strict=False)), values
+    assert values[-1] - values[0] > 0.4, values
 
 
 # ------------------------------------------------------------------------------------ figures for the README
@@ -181,9 +210,7 @@ def main(docs: Path) -> None:
         figures = {
             "subject_star_distance": measure_subject(generator),
             "class_prompt_drift_toward_star": measure_prior(generator),
-            "style_interior_ink_by_striped_weight": dict(
-                zip(map(str, STYLE_WEIGHTS), measure_styles(generator), strict=True)
-            ),
+            "styles": measure_styles(generator),
         }
         rows = []
         for prompt in (SUBJECT_PROMPT, CLASS_PROMPT):
@@ -196,8 +223,8 @@ def main(docs: Path) -> None:
         for t in STYLE_WEIGHTS:
             rows.append(
                 (
-                    f"outl {1 - t:g} / str {t:g}",
-                    render(generator, STYLE_PROMPTS[0], {"lora_outlined": 1 - t, "lora_striped": t}, [1])[0],
+                    f"outl {1 - t:g} / dark {t:g}",
+                    render(generator, STYLE_PROMPTS[0], {"lora_outlined": 1 - t, "lora_dark": t}, [1])[0],
                 )
             )
     docs.mkdir(parents=True, exist_ok=True)

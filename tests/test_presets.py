@@ -7,30 +7,55 @@ import dataclasses
 import pytest
 
 from sdlora.config import ConfigError, TrainConfig
-from sdlora.forms import FORM_FIELDS
-from sdlora.presets import PRESETS, preset_name, preset_values
+from sdlora.presets import FAMILIES, PRESETS, preset_family, preset_name, preset_values
 
 
-def test_every_preset_setting_is_a_train_config_option_and_a_form_field():
+def test_every_preset_setting_is_a_train_config_option():
     options = {f.name for f in dataclasses.fields(TrainConfig)}
     for preset in PRESETS.values():
-        assert set(preset.settings) <= options and set(preset.settings) <= set(FORM_FIELDS)
+        for family in FAMILIES:
+            assert set(preset.per_family[family]) <= options, (preset, family)
 
 
-def test_presets_keep_their_values_for_a_real_base():
-    real = preset_values("Subject", demo=False)
-    assert (real["steps"], real["lr"], real["num_class_images"]) == (400, 1e-4, 50)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_preset_is_complete_for_every_family(family):
+    """Batch size, min-SNR, rank, alpha, lr, steps, class images and a checkpoint every 10%."""
+    for name in PRESETS:
+        values = preset_values(name, family)
+        assert {"batch_size", "snr_gamma", "rank", "alpha", "lr", "steps", "num_class_images"} <= set(values)
+        assert values["save_every"] == max(1, values["steps"] // 10)
+        TrainConfig(data_dir=".", **values).validate()
+
+
+def test_the_demo_presets_are_the_recipe_the_learning_tests_prove():
+    demo = preset_values("Subject", "demo")
+    assert (demo["rank"], demo["batch_size"], demo["snr_gamma"], demo["steps"], demo["lr"]) == (
+        4,
+        4,
+        5.0,
+        400,
+        1e-3,
+    )
     assert PRESETS["Subject"].prior and not PRESETS["Style"].prior
 
 
-def test_presets_shrink_for_the_demo_model():
-    demo = preset_values("Subject", demo=True)
-    assert (demo["steps"], demo["lr"], demo["num_class_images"]) == (300, 1e-3, 16)
+def test_real_bases_get_their_own_values():
+    assert (
+        preset_values("Subject", "sd1")["lr"] == 1e-4 and preset_values("Subject", "sdxl")["batch_size"] == 1
+    )
+    assert preset_values("Style", "sd1")["rank"] == 32
+
+
+def test_the_family_is_read_from_the_base_without_loading_it(tiny_base):
+    assert preset_family(None) == preset_family("demo") == "demo"
+    assert preset_family("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert preset_family("/nowhere/model.safetensors") == "sd1"
+    assert preset_family(tiny_base) == "sd1"  # a 32-wide U-Net is no known family: SD 1.x values
 
 
 def test_an_unknown_preset_is_refused_by_name():
     with pytest.raises(ConfigError, match="No preset called 'Portrait'.*Subject, Style, Quick test"):
-        preset_values("Portrait", demo=False)
+        preset_values("Portrait", "sd1")
 
 
 @pytest.mark.parametrize(("text", "name"), [("quick-test", "Quick test"), ("STYLE", "Style"), ("x", "x")])

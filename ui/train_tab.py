@@ -9,16 +9,16 @@ import pandas as pd
 
 from sdlora.config import TrainConfig, option_default, option_help
 from sdlora.data.uploads import caption_rows, save_captions, stage_upload, thumbnails
-from sdlora.demo import base_spec, is_demo
+from sdlora.demo import base_spec
 from sdlora.forms import FORM_FIELDS, TrainForm, make_config
 from sdlora.jobs import JobView, job_view, pending_names
-from sdlora.presets import PRESETS, preset_values
+from sdlora.presets import PRESETS, preset_family, preset_values
 from sdlora.train.launch import gpu_count
 from ui.common import USER_ERRORS, AppContext, problem
 
 POLL_SECONDS = 1.0
 # The form fields a preset fills: whether prior preservation is on, then its TrainConfig settings.
-PRESET_FIELDS = ("prior", *next(iter(PRESETS.values())).settings)
+PRESET_FIELDS = ("prior", *(f for f in next(iter(PRESETS.values())).settings if f in FORM_FIELDS))
 
 
 GPUS = gpu_count()  # the app offers data-parallel training when it sees several
@@ -251,7 +251,8 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
 
 def preset_form_values(name: str, base_text: str | None) -> dict:
     """The form values a preset sets, scaled down when the base field names the demo model."""
-    return {"prior": PRESETS[name].prior, **preset_values(name, is_demo(base_text))}
+    values = preset_values(name, preset_family(base_text))
+    return {"prior": PRESETS[name].prior, **{k: v for k, v in values.items() if k in PRESET_FIELDS}}
 
 
 def progress_bar(view: JobView) -> str:
