@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdlora.files import atomic_replace_dir
 from sdlora.models import resolve_base
-from sdlora.train.loop import unet_target_modules
+from sdlora.train.networks import unet_target_modules
 
 # The U-Net, VAE and text-encoder configs of runwayml/stable-diffusion-v1-5 and
 # stabilityai/stable-diffusion-xl-base-1.0 (fields left at diffusers' defaults are omitted).

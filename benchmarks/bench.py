@@ -52,6 +52,7 @@ PEAK_BF16_TFLOPS = {
 def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     """sdlora's trainer in a child process, with a variant's extra flags; step times from its event stream."""
     from sdlora.train import read_events
+    from sdlora.train.events import DoneEvent, StepEvent
 
     outputs = work / f"sdlora-{len(list(work.glob('sdlora-*')))}"
     command = [
@@ -88,10 +89,10 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     command += shlex.split(variant)
     wall, peak, gpu = _run("sdlora", command, work)
     events = read_events(next((outputs / "runs").glob("bench-*")) / "events.jsonl")
-    stamps = [e["elapsed_s"] for e in events if e["event"] == "step"]
+    stamps = [e.elapsed_s for e in events if isinstance(e, StepEvent)]
     figures = _figures(f"sdlora {variant}".strip(), _steady_step(stamps), args.batch_size, wall, peak, gpu)
-    if events[-1].get("peak_gpu_memory_mib"):
-        figures["peak_allocated_mib"] = round(events[-1]["peak_gpu_memory_mib"])
+    if isinstance(events[-1], DoneEvent) and events[-1].peak_gpu_memory_mib:
+        figures["peak_allocated_mib"] = round(events[-1].peak_gpu_memory_mib)
     return figures
 
 

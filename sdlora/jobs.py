@@ -15,12 +15,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TypeVar, overload
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.train import TrainResult, train
+from sdlora.train.events import EVENT_TYPES, DoneEvent, Event, SampleEvent, StartEvent, StepEvent
 from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder
+
+E = TypeVar("E", bound=Event)
 
 
 class JobStatus(StrEnum):
@@ -36,7 +39,7 @@ class Job:
     id: int
     config: TrainConfig
     status: JobStatus = JobStatus.QUEUED
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     result: TrainResult | None = None
     error: str | None = None
     submitted: float = field(default_factory=time.time)
@@ -49,12 +52,17 @@ class Job:
 
     @property
     def run_dir(self) -> Path | None:
-        starts = [e for e in self.events if e["event"] == "start"]
-        return Path(starts[-1]["run"]) if starts else None
+        start = self.last(StartEvent)
+        return Path(start.run) if start else None
 
-    def last(self, event: str) -> dict[str, Any] | None:
-        """The newest event of a kind ('step', 'sample', ...), or None."""
-        return next((e for e in reversed(self.events) if e["event"] == event), None)
+    @overload
+    def last(self, kind: type[E]) -> E | None: ...
+    @overload
+    def last(self, kind: str) -> Event | None: ...
+    def last(self, kind: type[Event] | str) -> Event | None:
+        """The newest event of a kind (`StepEvent`, or by its name, 'step'), or None."""
+        cls = EVENT_TYPES[kind] if isinstance(kind, str) else kind
+        return next((e for e in reversed(self.events) if isinstance(e, cls)), None)
 
 
 class JobQueue:
@@ -167,38 +175,33 @@ def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
     """Status, progress, losses and samples of `job` (the queue's current one), with what waits after it."""
     if job is None:
         return JobView("No training job yet.", 0, 0, [], [], False)
-    step = job.last("step")
-    done, total = (step["step"], step["total"]) if step else (0, job.config.steps)
+    step = job.last(StepEvent)
+    done, total = (step.step, step.total) if step else (0, job.config.steps)
     status = f"**Job {job.id} · {job.config.name}** · {_status_line(job, step)}"
     waiting = [j for j in jobs if j.status is JobStatus.QUEUED and j.id != job.id]
     if waiting:
         status += "  \nQueued after it: " + ", ".join(f"job {j.id} ({j.config.name})" for j in waiting)
-    losses = [(e["step"], e["loss"]) for e in job.events if e["event"] == "step"]
-    samples = [
-        (path, f"step {event['step']}")
-        for event in job.events
-        if event["event"] == "sample"
-        for path in event["paths"]
-    ]
+    losses = [(e.step, e.loss) for e in job.events if isinstance(e, StepEvent)]
+    samples = [(path, f"step {e.step}") for e in job.events if isinstance(e, SampleEvent) for path in e.paths]
     return JobView(status, done, total, losses, samples[::-1], not job.finished or bool(waiting))
 
 
-def _status_line(job: Job, step: dict | None) -> str:
+def _status_line(job: Job, step: StepEvent | None) -> str:
     if job.status is JobStatus.QUEUED:
         return "queued: it starts when the job before it ends."
     if job.status is JobStatus.FAILED:
         return f"failed: {job.error}"
     if job.status is JobStatus.CANCELLED:
-        return f"cancelled after {step['step'] if step else 0} steps."
+        return f"cancelled after {step.step if step else 0} steps."
     if job.status is JobStatus.DONE:
         adapter = job.result.adapter if job.result else "?"
-        return f"done in {_duration(job.last('done')['elapsed_s'])}: saved `{adapter}`; it is in the Generate tab."
+        return f"done in {_duration(job.last(DoneEvent).elapsed_s)}: saved `{adapter}`; it is in the Generate tab."
     if step is None:
         preparing = "making class images for prior preservation, " if job.config.prior_preservation else ""
         return f"starting: loading the base model, {preparing}caching the images…"
     return (
-        f"step {step['step']}/{step['total']} · loss {step['loss']:.4f} · "
-        f"{_duration(step['elapsed_s'])} elapsed · about {_duration(step['eta_s'])} left"
+        f"step {step.step}/{step.total} · loss {step.loss:.4f} · "
+        f"{_duration(step.elapsed_s)} elapsed · about {_duration(step.eta_s)} left"
     )
 
 

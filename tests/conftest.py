@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random base saved as a diffusers folder, small image folders, trained adapters."""
+"""Shared fixtures: a tiny random base saved as a diffusers folder, small image folders, training configs,
+and readers of what a training run wrote."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from sdlora.adapters import AdapterFacts  # noqa: E402
 from sdlora.train import train  # noqa: E402
@@ -74,6 +75,19 @@ def train_config(data_dir: Path, base: str, outputs: Path, **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def step_losses(result) -> list[float]:
+    """The loss of every step of a finished run, from its event log."""
+    from sdlora.train import read_events
+
+    return [e["loss"] for e in read_events(result.run / "events.jsonl") if e["event"] == "step"]
+
+
+def adapter_learned(path) -> torch.Tensor:
+    """All LoRA B weights of an adapter file: they start at zero, so they hold what training learned."""
+    weights = load_file(path)
+    return torch.cat([weights[key].flatten() for key in sorted(weights) if "lora_B" in key])
 
 
 def diffusers_mix(base: str, weights: list[tuple[Path, float]]):

@@ -17,8 +17,7 @@ from sdlora.cli import main
 from sdlora.generate import GenerationParams, Generator, fuse_into_base
 from sdlora.train import train
 from tests.conftest import diffusers_mix, draw_blob, train_config
-from tests.test_train import load, unet_output
-from tests.tiny_models import save_tiny_pipeline, tiny_sdxl_pipeline
+from tests.tiny_models import load, save_tiny_pipeline, tiny_sdxl_pipeline, unet_output
 
 PARAMS = GenerationParams("a sks blob", seed=1, steps=3, guidance=3.0)
 

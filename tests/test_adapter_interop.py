@@ -17,7 +17,7 @@ from sdlora.cli import main
 from sdlora.generate import Generator
 from sdlora.train import train
 from tests.conftest import diffusers_mix, draw_blob, train_config
-from tests.test_train import load, unet_output
+from tests.tiny_models import load, unet_output
 
 # AUTOMATIC1111 (extensions-builtin/Lora): a kohya U-Net name is accepted when it matches one of these
 # diffusers-name patterns (which it rewrites to the original SD layout); text-encoder names must carry

@@ -95,9 +95,9 @@ def test_full_disk_keeps_the_previous_adapter(tiny_base, blob_folder, tmp_path, 
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_base, blob_folder, tmp_path, monkeypatch):
-    import sdlora.train.loop as loop
+    import sdlora.train.trainer as trainer
 
-    real = loop.diffusion_loss
+    real = trainer.diffusion_loss
     calls = {"n": 0}
 
     def poisoned(ctx, instance, prior):
@@ -105,19 +105,19 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tiny_base, blob_folder, tm
         loss = real(ctx, instance, prior)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(loop, "diffusion_loss", poisoned)
+    monkeypatch.setattr(trainer, "diffusion_loss", poisoned)
     with pytest.raises(TrainingError, match="loss became nan at step 3.*step-000002"):
         train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=5, save_every=2))
     assert not (tmp_path / "out" / "adapters").exists()
 
 
 def test_out_of_memory_says_what_to_change(tiny_base, blob_folder, tmp_path, monkeypatch):
-    import sdlora.train.loop as loop
+    import sdlora.train.trainer as trainer
 
     def out_of_memory(ctx, instance, prior):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop, "diffusion_loss", out_of_memory)
+    monkeypatch.setattr(trainer, "diffusion_loss", out_of_memory)
     with pytest.raises(TrainingError, match="--gradient-checkpointing"):
         train(train_config(blob_folder, tiny_base, tmp_path / "out", steps=2))
 

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -15,27 +14,8 @@ from sdlora.adapters import read_adapter, summarize
 from sdlora.config import ConfigError
 from sdlora.data import DataError
 from sdlora.train import TrainingError, read_events, train
-from tests.conftest import train_config
-
-
-def unet_output(unet, seed: int = 0) -> torch.Tensor:
-    """The U-Net's prediction on fixed random inputs."""
-    g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    latents = torch.randn(2, 4, size, size, generator=g)
-    text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
-    with torch.no_grad():
-        return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
-
-
-def load(base: str) -> DiffusionPipeline:
-    return DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
-
-
-def text_output(pipe) -> torch.Tensor:
-    ids = pipe.tokenizer(["a sks blob"], padding="max_length", truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
+from tests.conftest import adapter_learned, step_losses, train_config
+from tests.tiny_models import load, text_output, unet_output
 
 
 def test_adapter_changes_the_model_and_reloads_identically_with_alpha_not_rank(
@@ -220,16 +200,6 @@ def test_memory_and_schedule_options_train(tiny_base, blob_folder, tmp_path):
     events = read_events(result.run / "events.jsonl")
     lrs = [e["lr"] for e in events if e["event"] == "step"]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < lrs[0]  # warmed up, then decaying
-
-
-def adapter_learned(path) -> torch.Tensor:
-    """All LoRA B weights of an adapter file: they start at zero, so they hold what training learned."""
-    weights = load_file(path)
-    return torch.cat([weights[key].flatten() for key in sorted(weights) if "lora_B" in key])
-
-
-def step_losses(result) -> list[float]:
-    return [e["loss"] for e in read_events(result.run / "events.jsonl") if e["event"] == "step"]
 
 
 def test_channels_last_trains_the_same_adapter(tiny_base, blob_folder, tmp_path):

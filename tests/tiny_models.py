@@ -1,6 +1,7 @@
 """A tiny, randomly initialised Stable Diffusion pipeline saved as a diffusers folder.
 
-It draws noise, but it goes through every real loading, training and saving path in seconds.
+It draws noise, but it goes through every real loading, training and saving path in seconds. The
+probes at the end (`unet_output`, `text_output`) compare what two such models compute.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -160,3 +162,24 @@ def save_tiny_pipeline(folder: Path, sdxl: bool = False, **kwargs) -> Path:
         folder, safe_serialization=True
     )
     return folder
+
+
+def load(base: str) -> DiffusionPipeline:
+    return DiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+
+
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    """The U-Net's prediction on fixed random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(2, 4, size, size, generator=g)
+    text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+
+
+def text_output(pipe) -> torch.Tensor:
+    """The text encoder's hidden states for a fixed caption."""
+    ids = pipe.tokenizer(["a sks blob"], padding="max_length", truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]

@@ -1,14 +1,165 @@
-"""The run's event stream: JSON lines that the terminal, the UI and tests can all follow."""
+"""The run's event stream: typed events, written as JSON lines that the terminal, the UI and tests follow.
+
+Each event is a small dataclass with one `kind`; on disk it is one JSON object per line,
+`{"event": KIND, "time": ..., FIELD: ...}`, so run folders written before the events were typed
+still read. An event also reads like that JSON object (`event["step"]`), for code written against it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-EventHandler = Callable[[dict[str, Any]], None]
+
+@dataclass(frozen=True, kw_only=True)
+class Event(Mapping[str, Any]):
+    """One thing that happened in a run. Subclasses declare their fields and a unique `kind`."""
+
+    kind: ClassVar[str]
+    time: float = field(default_factory=lambda: round(time.time(), 3))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record: `event` names the kind, then `time` and the fields."""
+        return {"event": self.kind, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    # Read-only mapping over `to_dict()`, so `event["loss"]` and `event.get(...)` keep working.
+    def __getitem__(self, key: str) -> Any:
+        if key == "event":
+            return self.kind
+        if key in self._names():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(("event", *self._names()))
+
+    def __len__(self) -> int:
+        return 1 + len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartEvent(Event):
+    """The models are loaded and cached; the first step comes next. Also says what speed options took."""
+
+    kind: ClassVar[str] = "start"
+    run: str
+    base: str
+    steps: int
+    start_step: int
+    images: int
+    class_images: int
+    resolution: int
+    buckets: list[str]
+    mixed_precision: str
+    attention: str
+    tf32: bool
+    channels_last: bool
+    compiled: bool
+    compile_gradient_error: float | None = None  # set when --compile checked the compiled U-Net
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepEvent(Event):
+    kind: ClassVar[str] = "step"
+    step: int
+    total: int
+    loss: float
+    lr: float
+    elapsed_s: float
+    eta_s: float
+    images_per_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointEvent(Event):
+    kind: ClassVar[str] = "checkpoint"
+    step: int
+    path: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleEvent(Event):
+    kind: ClassVar[str] = "sample"
+    step: int
+    paths: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassImagesEvent(Event):
+    kind: ClassVar[str] = "class_images"
+    folder: str
+    count: int
+    generated: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class WarningEvent(Event):
+    kind: ClassVar[str] = "warning"
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelledEvent(Event):
+    kind: ClassVar[str] = "cancelled"
+    step: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class DoneEvent(Event):
+    kind: ClassVar[str] = "done"
+    step: int
+    adapter: str
+    loss: float
+    elapsed_s: float
+    peak_gpu_memory_mib: float | None = None  # CUDA only
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorEvent(Event):
+    kind: ClassVar[str] = "error"
+    message: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        StartEvent,
+        StepEvent,
+        CheckpointEvent,
+        SampleEvent,
+        ClassImagesEvent,
+        WarningEvent,
+        CancelledEvent,
+        DoneEvent,
+        ErrorEvent,
+    )
+}
+
+EventHandler = Callable[[Event], None]
+
+
+def parse_event(record: Mapping[str, Any]) -> Event | None:
+    """The typed event of a JSON record; None for a kind this version doesn't know or a record missing fields.
+
+    Keys the type doesn't declare are ignored, so logs written by a newer sdlora still read.
+    """
+    cls = EVENT_TYPES.get(record.get("event"))
+    if cls is None:
+        return None
+    names = set(cls._names())
+    try:
+        return cls(**{key: value for key, value in record.items() if key in names})
+    except TypeError:
+        return None
 
 
 class EventLog:
@@ -19,17 +170,16 @@ class EventLog:
         self.handler = handler
         self.enabled = enabled
 
-    def emit(self, event: str, **fields: Any) -> dict[str, Any]:
-        record = {"event": event, "time": round(time.time(), 3), **fields}
+    def emit(self, event: Event) -> Event:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(event.to_dict()) + "\n")
             if self.handler:
-                self.handler(record)
-        return record
+                self.handler(event)
+        return event
 
 
-def read_events(path: str | Path) -> list[dict[str, Any]]:
+def read_events(path: str | Path) -> list[Event]:
     """All complete events so far (a line still being written is ignored)."""
     path = Path(path)
     return _parse(path.read_bytes()) if path.is_file() else []
@@ -44,7 +194,7 @@ class EventFollower:
         if skip_existing:
             self.new()
 
-    def new(self) -> list[dict[str, Any]]:
+    def new(self) -> list[Event]:
         if not self.path.is_file():
             return []
         with open(self.path, "rb") as handle:
@@ -55,11 +205,13 @@ class EventFollower:
         return _parse(data[:complete])
 
 
-def _parse(data: bytes) -> list[dict[str, Any]]:
+def _parse(data: bytes) -> list[Event]:
     events = []
     for line in data.decode("utf-8").splitlines():
         try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
+            event = parse_event(json.loads(line))
+        except (json.JSONDecodeError, AttributeError):  # a torn line, or JSON that is not an object
             continue
+        if event is not None:
+            events.append(event)
     return events

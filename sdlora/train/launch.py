@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from sdlora.config import TrainConfig, dump_toml
-from sdlora.train.events import EventFollower, EventHandler
-from sdlora.train.loop import TrainingError, TrainResult, adapter_file, adapter_name
+from sdlora.outputs import Outputs
+from sdlora.train.events import CancelledEvent, DoneEvent, Event, EventFollower, EventHandler
+from sdlora.train.naming import adapter_file, adapter_name
+from sdlora.train.result import TrainingError, TrainResult
 from sdlora.train.runs import RunFolder, find_run_to_resume
 
 POLL_SECONDS = 0.2
@@ -38,12 +40,12 @@ def train_distributed(
 ) -> TrainResult:
     """Train with `processes` data-parallel processes (one per GPU; gloo on a CPU)."""
     config.validate()
-    runs, pattern = Path(config.outputs) / "runs", f"{adapter_name(config)}-*"
-    existing = set(runs.glob(pattern))
+    outputs, name = Outputs(config.outputs), adapter_name(config)
+    existing = set(outputs.run_dirs(name))
     # The run the processes will use: the one `train` resumes (the same lookup), else the one they make.
-    run = find_run_to_resume(runs, adapter_name(config), config.resume) if config.resume else None
+    run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
     follower = EventFollower(run.events, skip_existing=True) if run else None  # a resumed run's old events
-    last: dict = {}
+    last: Event | None = None
     with tempfile.TemporaryDirectory() as tmp:
         job_file, log_file = Path(tmp) / "job.toml", Path(tmp) / "log.txt"
         job_file.write_text(dump_toml(config))
@@ -68,8 +70,8 @@ def train_distributed(
             while True:
                 finished = process.poll() is not None
                 if run is None:
-                    new = sorted(set(runs.glob(pattern)) - existing)
-                    run = RunFolder(new[-1]) if new else None
+                    new = [path for path in outputs.run_dirs(name) if path not in existing]  # newest first
+                    run = RunFolder(new[0]) if new else None
                     follower = EventFollower(run.events) if run else None
                 if run is not None:
                     for event in follower.new():
@@ -86,13 +88,11 @@ def train_distributed(
                 f"The {processes}-process training failed (exit {process.returncode}):\n"
                 f"{_failure_excerpt(log_file.read_text(errors='replace'))}"
             )
+    if isinstance(last, DoneEvent):
+        return TrainResult(adapter_file(config), run.path, last.step, last.loss, last.elapsed_s)
+    step = last.step if isinstance(last, CancelledEvent) else 0
     return TrainResult(
-        adapter_file(config),
-        run.path,
-        last.get("step", 0),
-        last.get("loss", float("nan")),
-        last.get("elapsed_s", 0.0),
-        cancelled=last["event"] == "cancelled",
+        adapter_file(config), run.path, step, float("nan"), 0.0, cancelled=isinstance(last, CancelledEvent)
     )
 
 

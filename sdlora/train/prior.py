@@ -9,15 +9,10 @@ from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
 from sdlora.data import list_images
-from sdlora.files import atomic_write_text, safe_name
+from sdlora.files import atomic_write_text
 from sdlora.generate import GenerationParams, Generator, save_png
 
 log = logging.getLogger(__name__)
-
-
-def default_class_dir(outputs: Path, base: str, class_prompt: str, resolution: int) -> Path:
-    """Class images depend on the base, the prompt and the size, so each combination gets its own folder."""
-    return outputs / "class_images" / safe_name(Path(base).name) / f"{safe_name(class_prompt)}-{resolution}px"
 
 
 def ensure_class_images(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.config import ConfigError, TrainConfig
-from sdlora.files import atomic_write_text, new_stamped_folder
+from sdlora.files import atomic_write_text
+from sdlora.outputs import Outputs
 from sdlora.train.checkpoint import list_checkpoints
 
 
@@ -46,24 +46,18 @@ class RunFolder:
         atomic_write_text(self.config, json.dumps({**dataclasses.asdict(config), **resolved}, indent=2))
 
 
-def new_run(runs_dir: Path, name: str) -> RunFolder:
-    return RunFolder(new_stamped_folder(runs_dir, name))
+def new_run(outputs: Outputs, name: str) -> RunFolder:
+    return RunFolder(outputs.new_run_dir(name))
 
 
-def find_run_to_resume(runs_dir: Path, name: str, resume: str) -> RunFolder:
+def find_run_to_resume(outputs: Outputs, name: str, resume: str) -> RunFolder:
     """`resume` is 'latest' (the newest run of this adapter name with a checkpoint) or a run folder."""
     if resume != "latest":
         run = RunFolder(Path(resume))
         if run.latest_checkpoint() is None:
             raise ConfigError(f"--resume {resume}: no checkpoint in that run folder.")
         return run
-    pattern = re.compile(rf"^{re.escape(name)}-\d{{8}}-\d{{6}}(-\d+)?$")
-    candidates = sorted(
-        (p for p in runs_dir.glob("*") if p.is_dir() and pattern.match(p.name)),
-        key=lambda p: p.name,
-        reverse=True,
-    )
-    for path in candidates:
+    for path in outputs.run_dirs(name):
         if RunFolder(path).latest_checkpoint() is not None:
             return RunFolder(path)
-    raise ConfigError(f"--resume latest: no run of {name!r} with a checkpoint under {runs_dir}.")
+    raise ConfigError(f"--resume latest: no run of {name!r} with a checkpoint under {outputs.runs}.")

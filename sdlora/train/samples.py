@@ -1,0 +1,42 @@
+"""Sample images during training: the same prompts and seed each time, so the images show what changed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from sdlora.config import TrainConfig
+from sdlora.generate import GenerationParams, Generator, save_png
+
+SAMPLE_STEPS = 20
+SAMPLE_GUIDANCE = 5.0
+
+
+def make_samples(
+    sampler: Generator,
+    trainables: Iterable[torch.nn.Module],
+    config: TrainConfig,
+    resolution: int,
+    folder: Path,
+    step: int,
+) -> list[Path]:
+    """Images for the sample prompts with the adapter as it is now; the same seed every time."""
+    trainables = list(trainables)
+    for model in trainables:
+        model.eval()
+    paths = []
+    for index, prompt in enumerate(config.sample_prompt):
+        params = GenerationParams(
+            prompt,
+            seed=config.seed,
+            steps=SAMPLE_STEPS,
+            guidance=SAMPLE_GUIDANCE,
+            width=resolution,
+            height=resolution,
+        )
+        paths.append(save_png(sampler.generate(params), folder / f"step-{step:06d}-{index}.png"))
+    for model in trainables:
+        model.train()
+    return paths

@@ -1,0 +1,544 @@
+"""The training loop: DreamBooth-style LoRA training with prior preservation, on accelerate.
+
+Read `train` top to bottom: check the inputs, `setup` (load the base, add adapter layers, cache what
+the frozen parts compute, resume), `loop` (step; save and sample when it is time), `finish` (write the
+adapter). The pieces they name live in their own modules: loss, cache, networks, optimizers, speed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft.utils import get_peft_model_state_dict
+from torch.optim.lr_scheduler import LRScheduler
+from tqdm.auto import tqdm
+
+from sdlora.adapters import AdapterFacts, lora_from_peft, trigger_words, write_lora
+from sdlora.config import TrainConfig
+from sdlora.data import Item, make_buckets, scan_folder
+from sdlora.generate import Generator
+from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
+from sdlora.outputs import Outputs
+from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
+from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from sdlora.train.conditioning import TextConditioner
+from sdlora.train.events import (
+    CancelledEvent,
+    CheckpointEvent,
+    ClassImagesEvent,
+    DoneEvent,
+    ErrorEvent,
+    EventHandler,
+    EventLog,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    WarningEvent,
+)
+from sdlora.train.loss import LossContext, diffusion_loss
+from sdlora.train.naming import adapter_file, adapter_name
+from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
+from sdlora.train.optimizers import make_optimizer
+from sdlora.train.prior import ensure_class_images
+from sdlora.train.result import TrainingError, TrainResult
+from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
+from sdlora.train.samples import make_samples
+from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
+
+
+@dataclass
+class Session:
+    """What `setup` made for the loop and `finish`: the run, the trained parts and what drives them."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    events: EventLog
+    run: RunFolder
+    name: str
+    adapter_path: Path
+    base: str
+    family: str
+    resolution: int
+    items: list[Item]  # the training images, for the adapter's tag frequencies
+    parts: dict[str, torch.nn.Module]  # component name -> module being trained (prepared by accelerate)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+    ctx: LossContext
+    batches: Iterator[Batch]
+    sampler: Generator | None
+    start_step: int
+
+
+def train(
+    config: TrainConfig, *, on_event: EventHandler | None = None, cancel: threading.Event | None = None
+) -> TrainResult:
+    """Train a LoRA adapter as `config` says and write it to a .safetensors file."""
+    # Every check that needs no model runs first, so bad input fails fast and loses nothing.
+    config.validate()
+    items = scan_folder(config.data_dir, config.prompt)
+    base = resolve_base(config.base)
+    outputs, name = Outputs(config.outputs), adapter_name(config)
+    run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
+
+    accelerator = _accelerator(config)
+    if run is None:  # one run folder for all processes: the main one makes it and tells the others
+        made = [str(new_run(outputs, name).path) if accelerator.is_main_process else None]
+        run = RunFolder(Path(broadcast_object_list(made)[0]))
+    events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
+    try:
+        return loop(setup(config, items, base, run, accelerator, events), cancel)
+    except Exception as error:
+        events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
+        raise
+    finally:
+        if accelerator.num_processes > 1:
+            # Leave the process group before the interpreter exits: gloo's worker threads can
+            # otherwise abort the process during finalization (SIGABRT), failing a finished run.
+            accelerator.end_training()
+
+
+def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
+    """Step until the last step or a cancel; checkpoint and sample when it is time; then finish."""
+    config = s.config
+    step, loss, started, cancelled = s.start_step, float("nan"), time.perf_counter(), False
+    progress = tqdm(
+        total=config.steps, initial=step, desc=f"training {s.name}", disable=not s.accelerator.is_main_process
+    )
+    while step < config.steps and not cancelled:
+        step += 1
+        loss = train_step(s, step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+        s.events.emit(step_event(s, step, loss, time.perf_counter() - started))
+
+        cancelled = cancel_requested(s, cancel)
+        if needs_checkpoint(config, step, cancelled):
+            save_state(s, step)
+        if needs_sample(config, step) and s.accelerator.is_main_process:
+            save_samples(s, step)
+    progress.close()
+
+    if cancelled:
+        s.events.emit(CancelledEvent(step=step))
+        return TrainResult(
+            s.adapter_path, s.run.path, step, loss, time.perf_counter() - started, cancelled=True
+        )
+    return finish(s, step, loss, time.perf_counter() - started)
+
+
+def needs_checkpoint(config: TrainConfig, step: int, cancelled: bool) -> bool:
+    """Every --save-every steps and at the last step; a cancelled run always keeps one to resume from."""
+    periodic = bool(config.save_every) and (step % config.save_every == 0 or step == config.steps)
+    return periodic or cancelled
+
+
+def needs_sample(config: TrainConfig, step: int) -> bool:
+    """Every --sample-every steps and at the last step, when there are sample prompts."""
+    wanted = bool(config.sample_prompt and config.sample_every)
+    return wanted and (step % config.sample_every == 0 or step == config.steps)
+
+
+def cancel_requested(s: Session, cancel: threading.Event | None) -> bool:
+    """The caller's cancel event or the run's CANCEL file; with several processes, all stop at one step."""
+    cancelled = (cancel is not None and cancel.is_set()) or s.run.cancel_file.exists()
+    if s.accelerator.num_processes > 1:
+        flag = torch.tensor(float(cancelled), device=s.accelerator.device)
+        cancelled = bool(s.accelerator.reduce(flag, "sum").item() > 0)
+    return cancelled
+
+
+def train_step(s: Session, step: int) -> float:
+    """One optimizer step over --grad-accum micro-batches; returns its loss, averaged over processes."""
+    config, accelerator = s.config, s.accelerator
+    loss_value = 0.0
+    for _ in range(config.grad_accum):
+        instance, prior = next(s.batches)
+        with accelerator.accumulate(*s.parts.values()):
+            loss = _backward(s, step, instance, prior)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(s.params, config.max_grad_norm)
+            s.optimizer.step()
+            s.optimizer.zero_grad(set_to_none=True)
+        loss_value += accelerator.reduce(loss.detach(), "mean").item() / config.grad_accum
+    s.lr_scheduler.step()
+    return loss_value
+
+
+def _backward(s: Session, step: int, instance: list[Example], prior: list[Example]) -> torch.Tensor:
+    """The loss of one micro-batch, back-propagated; a non-finite loss or no memory stops with advice."""
+    try:
+        loss = diffusion_loss(s.ctx, instance, prior)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"The loss became {loss.item()} at step {step}. "
+                f"{_last_good(s.run)}Lower --lr, or use --mixed-precision bf16 or no instead of fp16."
+            )
+        s.accelerator.backward(loss)
+    except torch.cuda.OutOfMemoryError as error:
+        raise TrainingError(
+            f"Out of GPU memory at step {step} (batch {s.config.batch_size}, {s.resolution} px). "
+            f"{_last_good(s.run)}Try --gradient-checkpointing, a smaller --batch-size with "
+            "--grad-accum, a lower --resolution, --mixed-precision bf16, or --optimizer adamw8bit."
+        ) from error
+    return loss
+
+
+def _last_good(run: RunFolder) -> str:
+    latest = run.latest_checkpoint()
+    return f"The last good checkpoint is {latest} (continue with --resume). " if latest else ""
+
+
+def step_event(s: Session, step: int, loss: float, elapsed: float) -> StepEvent:
+    per_step = elapsed / (step - s.start_step)
+    return StepEvent(
+        step=step,
+        total=s.config.steps,
+        loss=loss,
+        lr=s.lr_scheduler.get_last_lr()[0],
+        elapsed_s=round(elapsed, 4),
+        eta_s=round(per_step * (s.config.steps - step), 1),
+        images_per_s=round(s.config.batch_size * s.config.grad_accum / per_step, 3),
+    )
+
+
+def save_state(s: Session, step: int) -> None:
+    """A checkpoint to resume from: adapter weights, optimizer, schedule and random state."""
+    s.accelerator.wait_for_everyone()
+    if not s.accelerator.is_main_process:
+        return
+    state = TrainingState(
+        step=step,
+        lora=adapter_state(s.accelerator, s.parts),
+        optimizer=s.optimizer.state_dict(),
+        lr_scheduler=s.lr_scheduler.state_dict(),
+        rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
+    )
+    path = save_checkpoint(s.run.checkpoints, state, keep=s.config.keep_checkpoints)
+    s.events.emit(CheckpointEvent(step=step, path=str(path)))
+
+
+def save_samples(s: Session, step: int) -> None:
+    paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step)
+    s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
+
+
+def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
+    """The adapter file, with the facts a user will want to see later."""
+    s.accelerator.wait_for_everyone()
+    if s.accelerator.is_main_process:
+        weights = {
+            part: (get_peft_model_state_dict(s.accelerator.unwrap_model(model)), s.config.lora_alpha)
+            for part, model in s.parts.items()
+        }
+        lora = lora_from_peft(weights, adapter_facts(s, step).to_metadata())
+        write_lora(lora, s.adapter_path, s.config.adapter_format)
+    device = s.accelerator.device
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    s.events.emit(
+        DoneEvent(
+            step=step,
+            adapter=str(s.adapter_path),
+            loss=loss,
+            elapsed_s=round(elapsed, 3),
+            peak_gpu_memory_mib=peak,
+        )
+    )
+    return TrainResult(s.adapter_path, s.run.path, step, loss, elapsed)
+
+
+def adapter_facts(s: Session, step: int) -> AdapterFacts:
+    config = s.config
+    return AdapterFacts(
+        name=s.name,
+        base_model=s.base,
+        family=s.family,
+        rank=config.rank,
+        alpha=config.lora_alpha,
+        targets=config.targets,
+        instance_prompt=config.prompt or "",
+        class_prompt=config.class_prompt or "",
+        trigger_words=trigger_words(config.prompt or "", config.class_prompt),
+        steps=step,
+        resolution=s.resolution,
+        learning_rate=config.lr,
+        image_count=len(s.items),
+        text_encoder=config.text_encoder,
+        seed=config.seed,
+        tag_frequency=json.dumps(tag_frequency(s.items)),
+    )
+
+
+def tag_frequency(items: list[Item]) -> dict[str, int]:
+    """How many training images carry each comma-separated caption tag (kohya's ss_tag_frequency)."""
+    return dict(Counter(tag.strip() for item in items for tag in set(item.caption.split(",")) if tag.strip()))
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+def setup(
+    config: TrainConfig,
+    items: list[Item],
+    base: str,
+    run: RunFolder,
+    accelerator: Accelerator,
+    events: EventLog,
+) -> Session:
+    """Load the frozen base, add adapter layers, cache what the frozen parts compute, resume; emit 'start'."""
+    set_seed(config.seed)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+
+    # The base model, frozen.
+    pipe = load_base(base)
+    conditioner = TextConditioner(pipe)
+    _freeze(pipe, conditioner, weight_dtype, device)
+    resolution = config.resolution or native_resolution(pipe)
+    name, adapter_path, family = adapter_name(config), adapter_file(config), family_of(pipe).name
+    run.write_config(
+        config,
+        base=base,
+        name=name,
+        adapter=str(adapter_path),
+        resolution=resolution,
+        family=family,
+        mixed_precision=accelerator.mixed_precision,
+    )
+    class_items = _class_items(config, pipe, base, resolution, accelerator, events)
+
+    # Adapter layers: the only weights that train.
+    parts = _trainable_parts(config, pipe, conditioner, weight_dtype)
+    speed = tune_for_speed(config, pipe.unet, device)
+
+    # Cache what frozen parts compute: latents always, text embeddings unless the text encoder trains.
+    buckets = make_buckets(resolution, bucket_step(pipe))
+    examples = encode_images(pipe.vae, items, buckets, config.flip, device)
+    class_examples = encode_images(pipe.vae, class_items, buckets, config.flip, device)
+    pipe.vae.to("cpu")
+    cached_text = (
+        None if config.text_encoder else encode_captions(conditioner, examples + class_examples, device)
+    )
+
+    # Optimizer and schedule; accelerate handles devices, mixed precision and accumulation.
+    optimizer, lr_scheduler, params = _optimizer(config, parts, device)
+    prepared = accelerator.prepare(*parts.values(), optimizer)
+    parts, optimizer = dict(zip(parts, prepared[:-1], strict=True)), prepared[-1]
+    ctx = LossContext(
+        config,
+        parts["unet"],
+        conditioner,
+        {part: model for part, model in parts.items() if part != "unet"},
+        DDPMScheduler.from_config(pipe.scheduler.config),
+        cached_text,
+        torch.Generator(device=device).manual_seed(config.seed),
+        device,
+        weight_dtype,
+        pipe.vae.config.scaling_factor,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
+    # Batches are drawn at the global size; each process trains on its share (see diffusion_loss).
+    global_batch = config.batch_size * accelerator.num_processes
+    s = Session(
+        config=config,
+        accelerator=accelerator,
+        events=events,
+        run=run,
+        name=name,
+        adapter_path=adapter_path,
+        base=base,
+        family=family,
+        resolution=resolution,
+        items=items,
+        parts=parts,
+        params=params,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ctx=ctx,
+        batches=training_batches(examples, class_examples, global_batch, config.seed),
+        sampler=None,
+        start_step=0,
+    )
+    s.start_step = _resume(s)
+    for _ in range(s.start_step * config.grad_accum):
+        next(s.batches)  # replay the data order up to the checkpoint
+    for model in parts.values():
+        model.train()
+    if config.compile:
+        first = next(training_batches(examples, class_examples, global_batch, config.seed))  # not consumed
+        speed = _compile(s, first, speed)
+    if needs_sample(config, config.steps):  # the last step samples whenever any step does
+        s.sampler = Generator(pipe, device=str(device))
+    events.emit(_start_event(s, examples, class_examples, speed))
+    return s
+
+
+def _accelerator(config: TrainConfig) -> Accelerator:
+    # accelerate keeps one precision per process, but one process may run several jobs (the app's
+    # queue runs them one at a time): each job starts that state afresh. The process group stays.
+    AcceleratorState._reset_state()
+    # cpu=True without CUDA lets torchrun/accelerate launch join CPU processes with gloo.
+    return Accelerator(
+        mixed_precision=_precision(config.mixed_precision),
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def _precision(requested: str) -> str:
+    if requested != "auto":
+        if requested == "fp16" and not torch.cuda.is_available():  # bf16 autocast also runs on CPUs
+            raise TrainingError(
+                "--mixed-precision fp16 needs a CUDA GPU; use bf16, 'no' or 'auto' on the CPU."
+            )
+        return requested
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _freeze(
+    pipe: DiffusionPipeline, conditioner: TextConditioner, weight_dtype: torch.dtype, device: torch.device
+) -> None:
+    """The base's weights frozen on the device; the VAE in fp32: it runs once per image and fp16 VAEs
+    overflow, while the U-Net and the text encoders run every step in the training precision."""
+    models = [
+        (pipe.vae, torch.float32),
+        *((m, weight_dtype) for m in (pipe.unet, *conditioner.encoders.values())),
+    ]
+    for model, dtype in models:
+        model.requires_grad_(False)
+        model.to(device)
+        if model.dtype != dtype:
+            model.to(dtype=dtype)
+
+
+def _trainable_parts(
+    config: TrainConfig, pipe: DiffusionPipeline, conditioner: TextConditioner, weight_dtype: torch.dtype
+) -> dict[str, torch.nn.Module]:
+    """The parts with adapter layers; those layers stay in fp32 under mixed precision."""
+    parts = add_adapters(config, pipe.unet, conditioner.encoders)
+    if weight_dtype != torch.float32:
+        cast_training_params(list(parts.values()), dtype=torch.float32)
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        for part, model in parts.items():
+            if part != "unet":
+                model.gradient_checkpointing_enable()
+    return parts
+
+
+def _optimizer(
+    config: TrainConfig, parts: dict[str, torch.nn.Module], device: torch.device
+) -> tuple[torch.optim.Optimizer, LRScheduler, list[torch.nn.Parameter]]:
+    """The optimizer over the adapter weights (one group per part, for --text-encoder-lr), its schedule,
+    and the parameters it updates."""
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.requires_grad],
+            "lr": config.lr if part == "unet" else config.text_encoder_lr or config.lr,
+        }
+        for part, model in parts.items()
+    ]
+    optimizer = make_optimizer(config, groups, device)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
+    )
+    return optimizer, lr_scheduler, [p for group in groups for p in group["params"]]
+
+
+def _class_items(
+    config: TrainConfig,
+    pipe: DiffusionPipeline,
+    base: str,
+    resolution: int,
+    accelerator: Accelerator,
+    events: EventLog,
+) -> list[Item]:
+    """Class images for prior preservation, generated by the frozen base before any adapter exists."""
+    if not config.prior_preservation:
+        return []
+    class_dir = (
+        Path(config.class_dir)
+        if config.class_dir
+        else Outputs(config.outputs).class_images(base, config.class_prompt, resolution)
+    )
+    with accelerator.main_process_first():
+        paths, made = ensure_class_images(
+            pipe,
+            config.class_prompt,
+            class_dir,
+            config.num_class_images,
+            resolution,
+            config.seed,
+            device=str(accelerator.device),
+        )
+    events.emit(ClassImagesEvent(folder=str(class_dir), count=len(paths), generated=made))
+    return [Item(p, config.class_prompt) for p in paths]
+
+
+def _resume(s: Session) -> int:
+    """The step to start from: that of the newest checkpoint when resuming, whose state is loaded, else 0."""
+    if s.accelerator.is_main_process:
+        s.run.cancel_file.unlink(missing_ok=True)  # a request that stopped the run before is done with
+    s.accelerator.wait_for_everyone()
+    checkpoint = s.run.latest_checkpoint() if s.config.resume else None
+    if checkpoint is None:
+        return 0
+    state = load_checkpoint(checkpoint)
+    restore_adapter_state(s.accelerator, s.parts, state.lora)
+    s.optimizer.load_state_dict(state.optimizer)
+    s.lr_scheduler.load_state_dict(state.lr_scheduler)
+    torch.set_rng_state(state.rng["torch"])
+    s.ctx.rng.set_state(state.rng["noise"])
+    return state.step
+
+
+def _start_event(
+    s: Session, examples: list[Example], class_examples: list[Example], speed: Speed
+) -> StartEvent:
+    return StartEvent(
+        run=str(s.run.path),
+        base=s.base,
+        steps=s.config.steps,
+        start_step=s.start_step,
+        images=len(examples),
+        class_images=len(class_examples),
+        resolution=s.resolution,
+        buckets=sorted({f"{e.bucket.width}x{e.bucket.height}" for e in examples}),
+        mixed_precision=s.accelerator.mixed_precision,
+        **asdict(speed),
+    )
+
+
+def _compile(s: Session, first: Batch, speed: Speed) -> Speed:
+    """Use the compiled U-Net only if its gradients match the eager ones (all processes agree)."""
+    compiled, error = compile_unet(s.ctx, first, s.params)
+    error = s.accelerator.reduce(torch.tensor(error, device=s.accelerator.device), "max").item()
+    if error <= COMPILE_TOLERANCE:
+        s.ctx.unet = compiled
+    else:
+        message = (
+            f"torch.compile changed the LoRA gradients by {error:.0%} on the first batch; "
+            "training without it. Report it to PyTorch with your torch version and device."
+        )
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        s.events.emit(WarningEvent(message=message))
+    return replace(speed, compiled=s.ctx.unet is compiled, compile_gradient_error=round(error, 6))
