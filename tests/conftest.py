@@ -85,9 +85,10 @@ def step_losses(result) -> list[float]:
 
 
 def adapter_learned(path) -> torch.Tensor:
-    """All LoRA B weights of an adapter file: they start at zero, so they hold what training learned."""
+    """All LoRA up (B) weights of an adapter file, any layout: they start at zero, so they hold what
+    training learned."""
     weights = load_file(path)
-    return torch.cat([weights[key].flatten() for key in sorted(weights) if "lora_B" in key])
+    return torch.cat([weights[k].flatten() for k in sorted(weights) if "lora_B" in k or "lora_up" in k])
 
 
 def diffusers_mix(base: str, weights: list[tuple[Path, float]]):
