@@ -231,7 +231,7 @@ def _figures(name: str, step_s: float, batch: int, wall: float, peak_mib: float,
 def add_flop_figures(row: dict, tflop_per_image: float, peak_tflops: float | None) -> None:
     """TFLOP/s of U-Net work reached and, with a known peak, the share of it."""
     reached = row["images_per_s"] * tflop_per_image
-    row["unet_tflop_per_s"] = round(reached, 4 if reached < 1 else 1)
+    row["unet_tflop_per_s"] = float(f"{reached:.3g}")  # 3 significant figures: tiny models too
     if peak_tflops:
         row["share_of_bf16_peak"] = f"{reached / peak_tflops:.1%}"
 
