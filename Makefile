@@ -10,7 +10,7 @@ LOCK := requirements.lock
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu)
 
-.PHONY: install run test lint format browser lock test-latest clean
+.PHONY: install run test lint format browser lock test-latest clean gpu-setup gpu-check
 
 $(STAMP): pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -37,6 +37,23 @@ format: install
 
 test: install lint browser
 	$(PY) -m pytest -q
+
+# On a bare CUDA machine: the CUDA build of the same torch from PyTorch's index (CUDA_INDEX: the CUDA
+# version the driver supports) with its torchvision (only diffusers' reference script needs it), then
+# the locked rest with bitsandbytes. Then `make gpu-check`.
+CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
+GPU_CHECK_OUT ?= outputs/gpu-check
+gpu-setup:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) torchvision --index-url $(CUDA_INDEX)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[test,cuda]"
+	touch $(STAMP)
+
+# The GPU path in one command (about 8 minutes on an H100/H200; reduced sizes without CUDA): the tests
+# marked cuda, training and generation timed, the targets. REFERENCE=diffusers/examples/dreambooth adds
+# the reference script's timings. Results in $(GPU_CHECK_OUT)/gpu_check.{json,md}.
+gpu-check: install
+	$(PY) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) $(if $(REFERENCE),--reference $(REFERENCE))
 
 # Regenerate the lock with `uv pip compile` (every package, direct and transitive, for Linux x86_64,
 # Python 3.11). torch is locked without its local label (+cpu) so the same lock serves a CUDA build.

@@ -78,47 +78,97 @@ TEXT_TOKENS = 77
 
 ARCHITECTURES = {"sd15": (SD15_UNET, 512), "sdxl": (SDXL_UNET, 1024)}
 
+# The same block layouts in miniature, for the reduced (CPU, CI) run of the GPU check: every code path
+# of the family (SDXL's two encoders, pooled embedding and size ids) in seconds, not the real cost.
+TINY_UNET = {"layers_per_block": 1, "norm_num_groups": 8, "sample_size": 8}
+TINY = {
+    "sd15": {
+        "unet": {**SD15_UNET, **TINY_UNET, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32},
+        "vae": {**VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+    },
+    "sdxl": {
+        "unet": {
+            **SDXL_UNET,
+            **TINY_UNET,
+            "block_out_channels": (32, 64, 64),
+            "attention_head_dim": (2, 4, 4),
+            "transformer_layers_per_block": (1, 1, 2),
+            "cross_attention_dim": 64,  # the two encoders' widths side by side
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + 32,  # size ids + the pooled embedding
+        },
+        "vae": {**VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 8},
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+    },
+}
 
-def build_random_base(arch: str, folder: Path, seed: int = 0) -> Path:
+
+def build_random_base(arch: str, folder: Path, seed: int = 0, tiny: bool = False) -> Path:
     """Write a diffusers folder of `arch` with random weights (fp16 files), or reuse one already there.
 
     The tokenizer is the demo model's, stretched to CLIP's 77 tokens: token ids only have to be valid,
-    and the real CLIP vocabulary would need a download.
+    and the real CLIP vocabulary would need a download. `tiny`: the same layout in miniature (TINY).
     """
     if (folder / "model_index.json").exists():
         return folder
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
     torch.manual_seed(seed)
     tokenizer = CLIPTokenizer.from_pretrained(
         Path(resolve_base(None)) / "tokenizer", model_max_length=TEXT_TOKENS
     )
     text = {"vocab_size": 49408, "max_position_embeddings": TEXT_TOKENS}
+    small = TINY[arch] if tiny else {}
+    unet = small.get("unet", SD15_UNET if arch == "sd15" else SDXL_UNET)
+    vae = small.get("vae", VAE)
+    clip_l, open_clip = ({**clip, **small.get("text", {})} for clip in (CLIP_L, OPEN_CLIP_BIGG))
+    for clip in (clip_l, open_clip):
+        clip["projection_dim"] = clip["hidden_size"]  # as in both published configs
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init: seconds on a GPU
+        pipe = _random_pipeline(arch, unet, vae, clip_l, open_clip, text, tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        pipe.to(torch.float16).save_pretrained(Path(tmp) / "model")
+        del pipe
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the trainers timed next run in other processes: leave them the GPU
+        return atomic_replace_dir(Path(tmp) / "model", folder)
+
+
+def _random_pipeline(
+    arch: str, unet: dict, vae: dict, clip_l: dict, open_clip: dict, text: dict, tokenizer: CLIPTokenizer
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     if arch == "sd15":
-        pipe = StableDiffusionPipeline(
-            vae=AutoencoderKL(**VAE, sample_size=512, scaling_factor=0.18215),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)),
+        return StableDiffusionPipeline(
+            vae=AutoencoderKL(**vae, sample_size=512, scaling_factor=0.18215),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**clip_l, **text)),
             tokenizer=tokenizer,
-            unet=UNet2DConditionModel(**SD15_UNET),
+            unet=UNet2DConditionModel(**unet),
             scheduler=PNDMScheduler(**SCHEDULER, skip_prk_steps=True, set_alpha_to_one=False),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    elif arch == "sdxl":
-        pipe = StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPEN_CLIP_BIGG, **text)),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            unet=UNet2DConditionModel(**SDXL_UNET),
-            scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"),
-        )
-    else:
-        raise ValueError(f"Unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        pipe.to(torch.float16).save_pretrained(Path(tmp) / "model")
-        return atomic_replace_dir(Path(tmp) / "model", folder)
+    return StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**vae, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip_l, **text)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**open_clip, **text)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=UNet2DConditionModel(**unet),
+        scheduler=EulerDiscreteScheduler(**SCHEDULER, timestep_spacing="leading"),
+    )
 
 
 def lora_step_tflops(

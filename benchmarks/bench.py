@@ -11,8 +11,8 @@ steady-state step time (median, first steps excluded), images/s and the peak mem
 `torch.cuda.max_memory_allocated`). The U-Net work of one LoRA step is counted with PyTorch's
 FlopCounterMode, which gives the TFLOP/s reached and, on a GPU, the share of its bf16 peak.
 `--arch sd15|sdxl` builds full-size SD 1.5 or SDXL with random weights from their configs (no download).
-Generation is timed for the base alone and with 1 and 3 stacked adapters, folded into the weights
-(sdlora's default) and applied on the fly.
+Generation is timed for the base alone, with 3 stacked adapters, and for one slider change (one
+`Generator.activate` call with a weight moved): see benchmarks/generation.py.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ PEAK_BF16_TFLOPS = {
 def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     """sdlora's trainer in a child process, with a variant's extra flags; step times from its event stream."""
     from sdlora.train import read_events
-    from sdlora.train.events import DoneEvent, StepEvent
+    from sdlora.train.events import DoneEvent, StartEvent, StepEvent
 
     outputs = work / f"sdlora-{len(list(work.glob('sdlora-*')))}"
     command = [
@@ -93,6 +93,10 @@ def run_sdlora(args: argparse.Namespace, work: Path, variant: str = "") -> dict:
     figures = _figures(f"sdlora {variant}".strip(), _steady_step(stamps), args.batch_size, wall, peak, gpu)
     if isinstance(events[-1], DoneEvent) and events[-1].peak_gpu_memory_mib:
         figures["peak_allocated_mib"] = round(events[-1].peak_gpu_memory_mib)
+    start = next(e for e in events if isinstance(e, StartEvent))
+    if start.compile_gradient_error is not None:  # whether --compile was used, or refused by its check
+        figures["compiled"] = start.compiled
+        figures["compile_gradient_error"] = start.compile_gradient_error
     return figures
 
 
@@ -228,7 +232,7 @@ def _figures(name: str, step_s: float, batch: int, wall: float, peak_mib: float,
 def add_flop_figures(row: dict, tflop_per_image: float, peak_tflops: float | None) -> None:
     """TFLOP/s of U-Net work reached and, with a known peak, the share of it."""
     reached = row["images_per_s"] * tflop_per_image
-    row["unet_tflop_per_s"] = round(reached, 4 if reached < 1 else 1)
+    row["unet_tflop_per_s"] = float(f"{reached:.3g}")  # 3 significant figures: tiny models too
     if peak_tflops:
         row["share_of_bf16_peak"] = f"{reached / peak_tflops:.1%}"
 
@@ -237,58 +241,16 @@ def peak_bf16_tflops(device_name: str) -> float | None:
     return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), None)
 
 
-def bench_generation(args: argparse.Namespace, work: Path) -> list[dict]:
-    """Images/s for the base alone and with 1 and 3 stacked adapters, fused and unfused."""
-    import torch
-
-    from sdlora.config import TrainConfig
-    from sdlora.generate import GenerationParams, Generator
-    from sdlora.train import train
-
-    adapters = []
-    for index in range(3):
-        config = TrainConfig(
-            data_dir=str(args.data),
-            prompt=args.prompt,
-            base=args.base,
-            steps=2,
-            rank=args.rank,
-            resolution=args.resolution,
-            outputs=str(work / "gen"),
-            name=f"a{index}",
-            seed=index,
-        )
-        adapters.append(train(config).adapter)
-    params = GenerationParams(
-        args.prompt, seed=0, steps=args.gen_steps, width=args.resolution, height=args.resolution
-    )
-    rows = []
-    for fuse in (True, False):
-        generator = Generator(args.base, fuse=fuse)
-        names = [generator.load_adapter(path) for path in adapters]
-        for count in (0, 1, 3):
-            weights = {name: 0.5 for name in names[:count]}
-            generator.generate(params, weights)  # warm-up, and the fuse itself when the mix changed
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.gen_images):
-                generator.generate(params, weights)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - start) / args.gen_images
-            rows.append(
-                {
-                    "adapters": count,
-                    "fused": fuse,
-                    "s_per_image": round(seconds, 4),
-                    "images_per_s": round(1 / seconds, 2),
-                }
-            )
-    base = {r["fused"]: r["s_per_image"] for r in rows if r["adapters"] == 0}
-    for row in rows:
-        row["overhead_vs_base"] = f"{(row['s_per_image'] / base[row['fused']] - 1) * 100:+.1f}%"
-    return rows
+def ratio_row(ours: dict, reference: dict) -> dict:
+    """sdlora over the reference on the same work: speed (above 1 is faster) and peak memory (below 1 is less)."""
+    ratio = {
+        "trainer": "ratio sdlora/reference",
+        "images_per_s": round(ours["images_per_s"] / reference["images_per_s"], 2),
+        "peak_rss": round(ours["peak_rss_mib"] / reference["peak_rss_mib"], 2),
+    }
+    if "peak_gpu_mib" in ours and "peak_gpu_mib" in reference:
+        ratio["peak_gpu"] = round(ours["peak_gpu_mib"] / max(reference["peak_gpu_mib"], 1), 2)
+    return ratio
 
 
 def main() -> None:
@@ -338,14 +300,16 @@ def main() -> None:
         help="Interpreter for the reference script (it needs torchvision, which sdlora does not).",
     )
     parser.add_argument("--gen-steps", type=int, default=20)
-    parser.add_argument("--gen-images", type=int, default=5)
+    parser.add_argument("--gen-images", type=int, default=5, help="Timed images each, base and stacked.")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--skip-training", action="store_true")
     args = parser.parse_args()
 
     import torch
     from diffusers import UNet2DConditionModel
 
     from benchmarks.architectures import ARCHITECTURES, TEXT_TOKENS, build_random_base, lora_step_tflops
+    from benchmarks.generation import bench_generation
     from sdlora.models import resolve_base
 
     if args.arch:
@@ -374,8 +338,9 @@ def main() -> None:
             "unet_tflop_per_image": round(tflop, 6),
             "peak_bf16_tflops": peak,
         }
-        training = [run_sdlora(args, work, variant) for variant in args.variant or [""]]
-        if args.reference:
+        variants = [] if args.skip_training else args.variant or [""]
+        training = [run_sdlora(args, work, variant) for variant in variants]
+        if args.reference and not args.skip_training:
             try:
                 training.append(run_reference(args, work))
             except TrainerFailed as failure:
@@ -385,18 +350,19 @@ def main() -> None:
             if "images_per_s" in row:
                 add_flop_figures(row, tflop, peak)
         if args.reference and "images_per_s" in training[-1]:
-            ours, reference = training[0], training[-1]
-            ratio = {
-                "trainer": "ratio sdlora/reference",
-                "images_per_s": round(ours["images_per_s"] / reference["images_per_s"], 2),
-                "peak_rss": round(ours["peak_rss_mib"] / reference["peak_rss_mib"], 2),
-            }
-            if "peak_gpu_mib" in ours:
-                ratio["peak_gpu"] = round(ours["peak_gpu_mib"] / max(reference["peak_gpu_mib"], 1), 2)
-            training.append(ratio)
+            training.append(ratio_row(training[0], training[-1]))
         results["training"] = training
         if not args.skip_generation:
-            results["generation"] = bench_generation(args, work)
+            results["generation"] = bench_generation(
+                args.base,
+                args.data,
+                args.prompt,
+                work,
+                args.resolution,
+                steps=args.gen_steps,
+                images=args.gen_images,
+                rank=args.rank,
+            )
     print(json.dumps(results, indent=2))
 
 

@@ -87,3 +87,43 @@ def test_step_timer_times_only_the_training_bar(tmp_path):
     stamps = json.loads(times.read_text())
     assert len(stamps) == 5
     assert all(0.015 < b - a < 1.0 for a, b in zip(stamps, stamps[1:], strict=False))
+
+
+def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
+    """`make gpu-check` without CUDA: every section on tiny models, the report written with its targets."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--out",
+            str(tmp_path / "out"),
+            "--reduced",
+            "--models-dir",
+            str(tmp_path / "models"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert report["mode"] == "reduced"
+    assert {name: s["status"] for name, s in report["sections"].items()} == dict.fromkeys(
+        ("tests", "sd15", "sdxl", "generation"), "done"
+    )
+    if not torch.cuda.is_available():
+        assert report["tests"]["passed"] == 0 and report["tests"]["skipped"] > 0  # collected, then skipped
+    for arch in ("sd15", "sdxl"):
+        rows = report[arch]["rows"]
+        assert rows and all(row["images_per_s"] > 0 and row["unet_tflop_per_s"] > 0 for row in rows)
+    assert [row["trainer"] for row in report["sd15"]["rows"]] == ["sdlora"]
+    generation = report["generation"]
+    for key in ("base_s_per_image", "stacked_s_per_image", "slider_change_s"):
+        assert generation[key] > 0
+    assert generation["adapters"] == 3
+    assert [t["status"] for t in report["targets"]] == ["n.a."] * 4 + [report["targets"][-1]["status"]]
+    assert report["targets"][-1]["status"] in ("PASS", "FAIL")
+    summary = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| target | measured | status |" in summary and summary in result.stdout
