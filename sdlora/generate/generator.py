@@ -21,7 +21,7 @@ import sdlora
 from sdlora.adapters import AdapterError, Compatibility, LoraFile, check_compatibility, read_lora
 from sdlora.adapters.inspect import find_layer
 from sdlora.adapters.modules import NetworkModule
-from sdlora.config import ConfigError
+from sdlora.config import MAX_IMAGES, ConfigError
 from sdlora.files import safe_name
 from sdlora.generate.prompts import PromptError, lora_weights
 from sdlora.models import base_label, load_base, native_resolution
@@ -47,7 +47,6 @@ class GenerationParams:
 
 
 MAX_WEIGHT = 4.0  # adapter weights outside [-4, 4] are refused: no shared LoRA is meant for more
-MAX_IMAGES = 16  # images per sweep, comparison or grid
 
 
 @dataclass
