@@ -251,8 +251,11 @@ def _drop_unreadable_images(folder: Path) -> list[str]:
         try:
             load_image(path)
         except ImageError as error:
-            reason = str(error.__cause__ or error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
-            skipped.append(f"{shown(path.name)}: can't be used as an image ({reason[:120]})")
+            if error.__cause__ is not None:  # the decoder's complaint
+                reason = f"can't be read as an image ({str(error.__cause__)[:120]})"
+            else:  # refused from its header: the message says why
+                reason = str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+            skipped.append(f"{shown(path.name)}: {reason}")
             path.unlink()
             path.with_suffix(CAPTION_SUFFIX).unlink(missing_ok=True)
     return skipped
