@@ -92,7 +92,7 @@ def parse_credentials(text: str, source: str) -> Credentials:
 
 
 def load_auth_file(path: str | os.PathLike) -> Credentials:
-    """Logins from a file; refused if other users may read it, as a password in it would be shown to them."""
+    """Logins from a file, with a warning if other users may read it (a plain password in it would be theirs)."""
     path = Path(path)
     try:
         if os.name == "posix" and path.stat().st_mode & 0o077:
