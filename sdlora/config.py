@@ -22,6 +22,21 @@ class ConfigError(SdloraError, ValueError):
     """A job setting is invalid; the message names the option and what to change."""
 
 
+# Upper bounds, enforced here so the CLI, the app and its API agree. Each is far above what a LoRA needs,
+# and low enough that one request can't hold the single training queue or the generator for days.
+MAX_STEPS = 100_000  # training steps
+MAX_CLASS_IMAGES = 1_000  # prior-preservation images (DreamBooth uses ~100-300)
+MAX_RESOLUTION = 2048  # training and generation side, in pixels
+MAX_RANK = 256
+MAX_BATCH_SIZE = 64
+MAX_GRAD_ACCUM = 256
+MAX_SAMPLE_PROMPTS = 16
+MAX_KEEP_CHECKPOINTS = 100
+MAX_GENERATE_STEPS = 150  # denoising steps of one image
+MAX_IMAGES = 16  # images per sweep, comparison or grid
+MAX_PROMPT_CHARS = 4_000  # CLIP reads 77 tokens; longer text only costs memory
+
+
 def option(
     default: Any = None,
     help: str = "",
@@ -134,27 +149,46 @@ class TrainConfig:
             raise ConfigError("data_dir: give the folder of training images.")
         if not Path(self.data_dir).is_dir():
             raise ConfigError(f"data_dir: {self.data_dir!r} is not a folder.")
-        _check(self.rank >= 1, "--rank must be at least 1.")
+        _check(1 <= self.rank <= MAX_RANK, f"--rank must be between 1 and {MAX_RANK}.")
         _check(self.alpha is None or self.alpha > 0, "--alpha must be positive.")
         _check(0 <= self.dropout < 1, "--dropout must be in [0, 1).")
-        _check(self.steps >= 1, "--steps must be at least 1.")
+        _check(1 <= self.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS:,}.")
         _check(self.lr > 0, "--lr must be positive.")
         _check(
             self.text_encoder_lr is None or self.text_encoder_lr > 0, "--text-encoder-lr must be positive."
         )
-        _check(self.batch_size >= 1, "--batch-size must be at least 1.")
-        _check(self.grad_accum >= 1, "--grad-accum must be at least 1.")
         _check(
-            self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-            "--resolution must be a positive multiple of 8.",
+            1 <= self.batch_size <= MAX_BATCH_SIZE, f"--batch-size must be between 1 and {MAX_BATCH_SIZE}."
         )
-        _check(self.warmup_steps >= 0, "--warmup-steps must not be negative.")
-        _check(self.num_class_images >= 1, "--num-class-images must be at least 1.")
+        _check(
+            1 <= self.grad_accum <= MAX_GRAD_ACCUM, f"--grad-accum must be between 1 and {MAX_GRAD_ACCUM}."
+        )
+        _check(
+            self.resolution is None or (8 <= self.resolution <= MAX_RESOLUTION and self.resolution % 8 == 0),
+            f"--resolution must be a multiple of 8 between 8 and {MAX_RESOLUTION}.",
+        )
+        _check(0 <= self.warmup_steps <= MAX_STEPS, f"--warmup-steps must be between 0 and {MAX_STEPS:,}.")
+        _check(
+            1 <= self.num_class_images <= MAX_CLASS_IMAGES,
+            f"--num-class-images must be between 1 and {MAX_CLASS_IMAGES:,}.",
+        )
+        _check(
+            len(self.sample_prompt) <= MAX_SAMPLE_PROMPTS,
+            f"--sample-prompt: at most {MAX_SAMPLE_PROMPTS} prompts.",
+        )
+        for text, option_name in [(self.prompt, "--prompt"), (self.class_prompt, "--class-prompt")]:
+            _check(
+                len(text or "") <= MAX_PROMPT_CHARS,
+                f"{option_name}: at most {MAX_PROMPT_CHARS:,} characters.",
+            )
         _check(
             self.save_every >= 0 and self.sample_every >= 0,
             "--save-every/--sample-every must not be negative.",
         )
-        _check(self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1.")
+        _check(
+            1 <= self.keep_checkpoints <= MAX_KEEP_CHECKPOINTS,
+            f"--keep-checkpoints must be between 1 and {MAX_KEEP_CHECKPOINTS}.",
+        )
         _check(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive.")
         _check(self.noise_offset >= 0, "--noise-offset must not be negative.")
         if self.prior_weight is not None:
@@ -193,15 +227,35 @@ class GenerateConfig:
 
     def validate(self) -> None:
         _check(bool(self.prompt), "prompt: say what to draw.")
-        _check(self.steps >= 1, "--steps must be at least 1.")
+        check_generation(self.prompt, self.negative_prompt, self.steps)
         if self.size is not None:
             parse_size(self.size)
+        if self.sweep is not None:
+            parse_weights(self.sweep)
+
+
+def check_generation(prompt: str, negative_prompt: str, steps: int) -> None:
+    """The bounds one generated image must keep, for the CLI's options and the app's form alike."""
+    _check(
+        1 <= steps <= MAX_GENERATE_STEPS, f"--steps must be between 1 and {MAX_GENERATE_STEPS} to generate."
+    )
+    _check(
+        len(prompt or "") <= MAX_PROMPT_CHARS,
+        f"The prompt is too long: at most {MAX_PROMPT_CHARS:,} characters.",
+    )
+    _check(
+        len(negative_prompt or "") <= MAX_PROMPT_CHARS,
+        f"The negative prompt is too long: at most {MAX_PROMPT_CHARS:,} characters.",
+    )
 
 
 def parse_weights(text: str) -> list[float]:
-    """'0, 0.5, 1' -> [0.0, 0.5, 1.0] for a sweep."""
+    """'0, 0.5, 1' -> [0.0, 0.5, 1.0] for a sweep (at most MAX_IMAGES of them)."""
+    parts = [part for part in text.replace(";", ",").split(",") if part.strip()]
+    if len(parts) > MAX_IMAGES:
+        raise ConfigError(f"A sweep makes at most {MAX_IMAGES} images; {len(parts)} weights were given.")
     try:
-        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+        weights = [float(part) for part in parts]
     except ValueError:
         raise ConfigError(f"Sweep weights must be numbers separated by commas, not {text!r}.") from None
     if not weights:
@@ -218,6 +272,10 @@ def parse_size(text: str) -> tuple[int, int]:
     _check(
         width > 0 and height > 0 and width % 8 == 0 and height % 8 == 0,
         f"--size {text}: width and height must be positive multiples of 8.",
+    )
+    _check(
+        width <= MAX_RESOLUTION and height <= MAX_RESOLUTION,
+        f"--size {text}: width and height must be at most {MAX_RESOLUTION}.",
     )
     return width, height
 

@@ -1,15 +1,62 @@
-"""Writing files so that a crash never leaves a half-written one where a finished one is expected."""
+"""Writing files so that a crash never leaves a half-written one where a finished one is expected.
+
+A full or read-only disk is a user's problem, not a bug: the helpers here turn it into `DiskError`, whose
+message names the folder and says what was kept, and they never leave a partial file behind.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from sdlora.errors import SdloraError
+
 _UNSAFE_NAME = re.compile(r"[^\w.-]+", re.UNICODE)
+# File systems limit a name to 255 bytes; a safe name stays well below so a suffix and a stamp still fit.
+MAX_NAME_BYTES = 100
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "over its quota", errno.EROFS: "read-only"}
+
+
+class DiskError(SdloraError, OSError):
+    """A folder is full, over quota, read-only or not writable; the message names it and what was kept."""
+
+    def __str__(self) -> str:  # the plain message, without OSError's "[Errno 28]" prefix
+        return str(self.strerror)
+
+
+def disk_problem(error: OSError, folder: str | os.PathLike) -> DiskError | None:
+    """A `DiskError` for an out-of-space or permission failure while writing into `folder`, else None."""
+    if error.errno in _DISK_ERRNOS:
+        state = _DISK_ERRNOS[error.errno]
+    elif error.errno in (errno.EACCES, errno.EPERM):
+        state = "not writable (permission denied)"
+    else:
+        return None
+    return DiskError(error.errno, f"{Path(folder)} is {state}")
+
+
+@contextmanager
+def disk_errors(folder: str | os.PathLike, kept: str = "") -> Iterator[None]:
+    """Turn a full or read-only disk inside the block into `DiskError` naming `folder` and what was `kept`."""
+    try:
+        yield
+    except DiskError:
+        raise
+    except OSError as error:
+        problem = disk_problem(error, folder)
+        if problem is None:
+            raise
+        advice = "Free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "Make it writable"
+        message = f"Can't save: {problem.strerror}. {advice} and try again."
+        raise DiskError(error.errno, f"{message} {kept}".strip()) from error
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -19,17 +66,37 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     even if the process is killed or the disk fills up half-way.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with disk_errors(path.parent, f"{path.name} was not written; nothing else was changed."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy a file to `path` through a temporary file beside it, so a full disk leaves no partial copy."""
+    path = Path(path)
+    with disk_errors(path.parent, f"{path.name} was not written; nothing else was changed."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
+                shutil.copyfileobj(original, handle, 1024 * 1024)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
     fsync_dir(path.parent)
     return path
 
@@ -40,9 +107,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> Path:
     """Move a fully written folder into place, replacing any previous one with the same name."""
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
+    with disk_errors(final_dir.parent, f"{final_dir.name} was not replaced."):
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
     return final_dir
 
@@ -61,9 +129,16 @@ def fsync_dir(folder: Path) -> None:
 
 
 def safe_name(name: str, default: str = "adapter") -> str:
-    """A file-system-safe name: letters (any script), digits, '.', '_' and '-'; no path parts."""
+    """A file-system-safe name: letters (any script), digits, '.', '_' and '-'; no path parts.
+
+    A long name is cut to `MAX_NAME_BYTES` of UTF-8 (not characters: 86 CJK characters already pass the
+    255-byte limit of most file systems) and ends in a short hash, so two long names stay apart."""
     cleaned = _UNSAFE_NAME.sub("_", name.strip()).strip("._")
-    return cleaned[:100] or default
+    if len(cleaned.encode("utf-8")) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(cleaned.encode("utf-8")).hexdigest()[:8]
+        head = cleaned.encode("utf-8")[: MAX_NAME_BYTES - 9].decode("utf-8", errors="ignore").rstrip("._")
+        cleaned = f"{head}_{digest}"
+    return cleaned or default
 
 
 def new_stamped_folder(parent: Path, name: str) -> Path:

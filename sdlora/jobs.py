@@ -6,6 +6,7 @@ running job, its events and its result.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import threading
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import TypeVar, overload
 
 from sdlora.config import ConfigError, TrainConfig
+from sdlora.data.uploads import clean_uploads
+from sdlora.outputs import Outputs
 from sdlora.train import TrainResult, train
 from sdlora.train.events import EVENT_TYPES, DoneEvent, Event, SampleEvent, StartEvent, StepEvent
 from sdlora.train.launch import train_distributed
@@ -150,6 +153,15 @@ class JobQueue:
             except Exception as error:  # noqa: BLE001 - any failure is reported on the job, the worker lives on
                 job.error = f"{type(error).__name__}: {error}"
                 job.status = JobStatus.FAILED
+            self._clean_uploads(job)
+
+    def _clean_uploads(self, job: Job) -> None:
+        """After a run: remove old uploads that no run used and no waiting job needs."""
+        with self._lock:
+            in_use = [job.config.data_dir, *(waiting.config.data_dir for waiting in self._waiting)]
+        # Cleaning is a courtesy: a folder that can't be read now is tried again after the next run.
+        with contextlib.suppress(OSError):
+            clean_uploads(Outputs(Path(job.config.outputs)), in_use)
 
 
 def pending_names(jobs: Iterable[Job]) -> set[str]:

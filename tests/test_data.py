@@ -20,6 +20,7 @@ from sdlora.data import (
     read_caption,
     scan_folder,
 )
+from sdlora.data.folder import MAX_CAPTION_BYTES
 from tests.conftest import draw_blob
 
 
@@ -122,3 +123,28 @@ def test_batches_stay_within_a_bucket_and_are_deterministic():
     assert all(len({buckets[i] for i in batch}) == 1 for batch in batches)
     second = bucket_batches(buckets, [1, 2, 1, 1], 2, seed=3)
     assert batches == [next(second) for _ in range(10)]
+
+
+def test_zero_repeat_kohya_folders_and_duplicates_are_reported(tmp_path, caplog):
+    root = tmp_path / "set"
+    (root / "0_reg").mkdir(parents=True)
+    draw_blob(root / "a.png", (16, 16), (0, 0, 200), caption="a blob")
+    (root / "copy.png").write_bytes((root / "a.png").read_bytes())
+    draw_blob(root / "0_reg" / "r.png", (16, 16), (200, 0, 0), caption="a reg")
+    items = scan_folder(root, "a blob")
+    assert sorted(item.path.name for item in items) == ["a.png", "copy.png"]
+    assert "Leaving out 0_reg" in caplog.text and "copy.png is the same picture as a.png" in caplog.text
+
+
+@pytest.mark.parametrize(("size", "message"), [((1, 2000), "too long and thin"), ((9000, 8000), "too large")])
+def test_images_needing_too_much_memory_are_refused_from_their_header(tmp_path, size, message):
+    path = tmp_path / "big.png"
+    Image.new("L", size).save(path)
+    with pytest.raises(ImageError, match=f"big.png: {size[0]}x{size[1]} is {message}"):
+        load_image(path)
+
+
+def test_a_huge_caption_is_read_only_in_part(tmp_path):
+    image = draw_blob(tmp_path / "a.png", (16, 16), (0, 0, 200))
+    image.with_suffix(".txt").write_text("word " * 1_000_000)
+    assert len(read_caption(image)) <= MAX_CAPTION_BYTES

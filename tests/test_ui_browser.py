@@ -83,7 +83,7 @@ def server(tiny_base, tmp_path_factory) -> Iterator[Server]:
     # tiny models' many small ops ten times slower or worse, so torch gets one thread here.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for name in ("style_outlined", "style_striped"):
+    for name in ("style_outlined", "style_dark"):
         train(
             TrainConfig(
                 data_dir=str(DATA / name),
@@ -246,21 +246,21 @@ def test_stack_two_adapters_and_compare_side_by_side(page, server):
     page.locator("#prompt textarea").fill("a red circle on a white background")
     set_number(page, "gen-steps", 20)
     pick(page, "adapter-0", "style_outlined")
-    pick(page, "adapter-1", "style_striped")
+    pick(page, "adapter-1", "style_dark")
     expect(page.locator("#adapter-on-1 input")).to_be_checked()
     set_number(page, "adapter-weight-0", 0.8)
     set_number(page, "adapter-weight-1", 1.5)
     page.locator("#compare").click()
     gallery = page.locator("#gallery")
     expect(gallery.locator("img")).to_have_count(4, timeout=60_000)
-    for label in ("base", "style_outlined 0.8", "style_striped 1.5", "mix"):
+    for label in ("base", "style_outlined 0.8", "style_dark 1.5", "mix"):
         expect(gallery).to_contain_text(label)
     expect(page.locator("#parameters textarea")).to_have_value(
-        re.compile(r"\[mix\].*Lora: style_outlined:0\.8, style_striped:1\.5", re.S)
+        re.compile(r"\[mix\].*Lora: style_outlined:0\.8, style_dark:1\.5", re.S)
     )
     mix = page.request.get(gallery.locator("img").nth(3).get_attribute("src")).body()
     assert (
-        mix.startswith(b"\x89PNG") and b"Lora: style_outlined:0.8, style_striped:1.5" in mix
+        mix.startswith(b"\x89PNG") and b"Lora: style_outlined:0.8, style_dark:1.5" in mix
     )  # parameters kept
     shot(page, "generate")
 
@@ -271,21 +271,21 @@ def test_stack_two_adapters_and_compare_side_by_side(page, server):
 
 def test_download_an_adapter_byte_identical(page, server, tmp_path):
     tab(page, "Adapters")
-    expect(page.locator("#library")).to_contain_text("style_striped")
-    pick(page, "library-pick", "style_striped")
-    expect(page.locator("#library-details")).to_contain_text("style_striped")
+    expect(page.locator("#library")).to_contain_text("style_dark")
+    pick(page, "library-pick", "style_dark")
+    expect(page.locator("#library-details")).to_contain_text("style_dark")
     with page.expect_download() as download:
         page.locator("#download").click()
     saved = tmp_path / "downloaded.safetensors"
     download.value.save_as(saved)
-    assert saved.read_bytes() == (server.outputs / "adapters" / "style_striped.safetensors").read_bytes()
+    assert saved.read_bytes() == (server.outputs / "adapters" / "style_dark.safetensors").read_bytes()
     shot(page, "adapters")
 
 
 def test_import_rename_and_delete_an_adapter(page, server, tmp_path):
     library, message = server.outputs / "adapters", page.locator("#library-message")
     upload = tmp_path / "my import.safetensors"
-    upload.write_bytes((library / "style_striped.safetensors").read_bytes())
+    upload.write_bytes((library / "style_dark.safetensors").read_bytes())
     tab(page, "Adapters")
     page.locator("#import input[type=file]").set_input_files(upload)
     expect(message).to_contain_text("Imported my_import.safetensors")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from sdlora.data.uploads import (
+    UNUSED_UPLOAD_AGE_S,
     UploadError,
+    UploadLedger,
     caption_rows,
+    clean_uploads,
     save_captions,
     stage_upload,
     suggest_name,
@@ -138,3 +144,64 @@ def test_thumbnails_say_when_the_instance_prompt_stands_in_for_a_caption(blob_fo
         str(blob_folder / "a.png"),
         "(no caption: the instance prompt is used)",
     )
+
+
+def test_the_ledger_accepts_only_a_clients_own_uploads_and_deletes_them_once_used(tmp_path):
+    mine, theirs = tmp_path / "mine.png", tmp_path / "theirs.png"
+    mine.write_bytes(b"x")
+    theirs.write_bytes(b"y")
+    ledger = UploadLedger()
+    ledger.record("me", [str(mine)])
+    ledger.record("you", [str(theirs)])
+    assert ledger.check("me", [str(mine), None]) == [mine]
+    with pytest.raises(UploadError, match="theirs.png was not uploaded to this server"):
+        ledger.check("me", [str(theirs)])
+    ledger.discard("me", [str(mine), str(theirs)])  # another client's file is neither forgotten nor deleted
+    assert not mine.exists() and theirs.exists()
+    with pytest.raises(UploadError):
+        ledger.check("me", [str(mine)])
+
+
+def test_the_ledger_forgets_the_oldest_records_first(tmp_path):
+    ledger = UploadLedger(capacity=2)
+    ledger.record("me", ["/a", "/b", "/c"])
+    assert ledger.check("me", ["/b", "/c"]) == [Path("/b"), Path("/c")]
+    with pytest.raises(UploadError):
+        ledger.check("me", ["/a"])
+
+
+def test_old_uploads_no_run_used_are_cleaned_and_others_kept(tmp_path):
+    outputs = Outputs(tmp_path)
+    used, waiting, fresh, unused = (
+        outputs.new_upload_dir(name) for name in ("used", "waiting", "fresh", "unused")
+    )
+    run = outputs.new_run_dir("used")
+    (run / "config.json").write_text(json.dumps({"data_dir": str(used)}))
+    adapter = outputs.adapter_file("kept")
+    adapter.parent.mkdir()
+    adapter.write_bytes(b"x")
+    old = time.time() - UNUSED_UPLOAD_AGE_S - 60
+    for folder in (used, waiting, unused):
+        os.utime(folder, (old, old))
+    assert clean_uploads(outputs, in_use=[str(waiting)]) == [unused]
+    assert used.is_dir() and waiting.is_dir() and fresh.is_dir() and run.is_dir() and adapter.is_file()
+
+
+def test_a_left_out_list_is_bounded_in_length(tmp_path):
+    files = []
+    for index in range(40):
+        note = tmp_path / (f"{index:02d}-" + "n" * 300 + ".pdf")[:250]
+        note.write_text("x")
+        files.append(note)
+    files.append(draw_blob(tmp_path / "a.png", (16, 16), (0, 0, 200)))
+    staged = stage_upload(files, Outputs(tmp_path / "out"))
+    assert len(staged.skipped) == 40 and "… and 30 more" in staged.left_out()
+    assert len(staged.left_out()) < 1500
+
+
+def test_a_caption_longer_than_the_limit_is_left_out_of_an_upload(tmp_path):
+    image = draw_blob(tmp_path / "a.png", (16, 16), (0, 0, 200))
+    caption = tmp_path / "a.txt"
+    caption.write_text("tag, " * 10_000)
+    staged = stage_upload([image, caption], Outputs(tmp_path / "out"))
+    assert staged.skipped == ["a.txt: 0.0 MiB is too large for a caption (at most 16 KiB)"]

@@ -15,6 +15,7 @@ from sdlora.adapters.library import (
     rename_adapter,
 )
 from ui.common import USER_ERRORS, AppContext, problem
+from ui.guard import client_owner
 
 
 def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
@@ -81,13 +82,16 @@ def build_adapters_tab(ctx: AppContext, tab: gr.Tab) -> None:
 
     picker.change(shown, picker, [details, download, sample, new_name])
 
-    def imported(upload: str | None) -> tuple:
+    def imported(upload: str | None, request: gr.Request) -> tuple:
         if not upload:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        owner = client_owner(request)
         try:
-            path = import_adapter(upload, ctx.outputs)
+            files = ctx.uploads.check(owner, [upload])
+            path = import_adapter(files[0], ctx.outputs)
         except USER_ERRORS as error:
             return problem(error), None, gr.skip(), gr.skip()
+        ctx.uploads.discard(owner, files)
         try:
             fit = ctx.studio.fit(path)
         except USER_ERRORS as error:  # kept: it may suit another base, but say so now, not at generation

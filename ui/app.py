@@ -6,10 +6,16 @@ adapter library are the library's. Run it with ``python -m ui``.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import anyio
 import gradio as gr
+from starlette.middleware import Middleware
 
+from sdlora.access import Credentials, HostPolicy, LoginThrottle, exposure_warning
+from sdlora.data.uploads import UploadLedger, clean_uploads
 from sdlora.demo import DEMO_KEYWORD, DEMO_MODEL_DIR, base_spec, demo_model_available, is_demo
 from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
@@ -17,11 +23,14 @@ from sdlora.outputs import Outputs
 from ui.adapters_tab import build_adapters_tab
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.generate_tab import build_generate_tab
+from ui.guard import ServerGuard
 from ui.train_tab import build_train_tab
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 MAX_UPLOAD = "200mb"  # per file; uploads land only under outputs/uploads
+# Gradio's cache of uploads: checked hourly, files older than a day removed (and all of them at shutdown).
+CACHE_CLEANING = (3600, 86_400)
 # Demo images are 32 px: scaled up smoothly they are a blur, so show their pixels.
 CSS = """
 .pixelated img { image-rendering: pixelated; }
@@ -32,13 +41,17 @@ CSS = """
 
 
 def build_app(
-    outputs_dir: str | Path = "outputs", base: str | None = None, queue: JobQueue | None = None
+    outputs_dir: str | Path = "outputs",
+    base: str | None = None,
+    queue: JobQueue | None = None,
+    uploads: UploadLedger | None = None,
 ) -> gr.Blocks:
-    """The app's page; `base` is the base model the page starts with (None: the bundled demo model) and
-    `queue` the training queue (a new one by default; pass one to share it with other code)."""
+    """The app's page; `base` is the base model the page starts with (None: the bundled demo model),
+    `queue` the training queue (a new one by default; pass one to share it with other code) and `uploads`
+    the record of what each client uploaded (which the server's guard keeps)."""
     outputs = Outputs(Path(outputs_dir))
-    ctx = AppContext(outputs, queue or JobQueue(), Studio(outputs))
-    with gr.Blocks(title="sdlora", analytics_enabled=False) as app:
+    ctx = AppContext(outputs, queue or JobQueue(), Studio(outputs), uploads or UploadLedger())
+    with gr.Blocks(title="sdlora", analytics_enabled=False, delete_cache=CACHE_CLEANING) as app:
         gr.Markdown("# sdlora: train and use Stable Diffusion LoRA adapters")
         with gr.Row(equal_height=True):
             base_box = gr.Textbox(
@@ -95,23 +108,40 @@ def launch(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     listen: bool = False,
-    auth: tuple[str, str] | None = None,
+    auth: tuple[str, str] | Credentials | None = None,
     outputs_dir: str | Path = "outputs",
     base: str | None = None,
     *,
     queue: JobQueue | None = None,
     block: bool = True,
+    allowed_hosts: Sequence[str] = (),
 ) -> gr.Blocks:
     """Serve the app on `host:port` (all interfaces with `listen`); `block=False` returns at once with the
-    server running in a background thread (tests use this)."""
+    server running in a background thread (tests use this).
+
+    Only Host names the server was started for are answered (loopback names, `allowed_hosts`), and a
+    non-loopback address without `auth` is served with a warning on stderr."""
+    server_name = "0.0.0.0" if listen else host
+    warning = exposure_warning(server_name, auth is not None)
+    if warning:
+        print(warning, file=sys.stderr)
     outputs = Path(outputs_dir).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
-    app = build_app(outputs, base, queue)
+    queue = queue or JobQueue()
+    clean_uploads(Outputs(outputs), in_use=[job.config.data_dir for job in queue.jobs() if not job.finished])
+    ledger = UploadLedger()
+    guard = Middleware(
+        ServerGuard,
+        policy=HostPolicy(server_name, tuple(allowed_hosts)),
+        throttle=LoginThrottle(),
+        ledger=ledger,
+    )
+    app = build_app(outputs, base, queue, ledger)
     app.queue(default_concurrency_limit=1)
     app.launch(
-        server_name="0.0.0.0" if listen else host,
+        server_name=server_name,
         server_port=port,
-        auth=auth,
+        auth=_login_check(auth),
         allowed_paths=[str(outputs)],
         prevent_thread_lock=not block,
         show_error=True,
@@ -119,5 +149,19 @@ def launch(
         css=CSS,
         quiet=not block,
         max_file_size=MAX_UPLOAD,
+        app_kwargs={"middleware": [guard]},
+        num_workers=0,  # static-file workers would serve on other ports, outside the guard
     )
     return app
+
+
+def _login_check(auth: tuple[str, str] | Credentials | None):
+    """Gradio's auth callable: the check runs in a worker thread, as PBKDF2 takes a noticeable moment."""
+    if auth is None:
+        return None
+    credentials = auth if isinstance(auth, Credentials) else Credentials({auth[0]: auth[1]})
+
+    async def check(user: str, password: str) -> bool:
+        return await anyio.to_thread.run_sync(credentials.verify, user, password)
+
+    return check

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdlora.data.uploads import UploadLedger
 from sdlora.errors import SdloraError
 from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
@@ -23,6 +24,7 @@ class AppContext:
     outputs: Outputs
     queue: JobQueue
     studio: Studio
+    uploads: UploadLedger  # which files each client uploaded: the only ones its requests may name
 
 
 def problem(error: Exception | str) -> str:

@@ -15,6 +15,7 @@ from sdlora.jobs import JobView, job_view, pending_names
 from sdlora.presets import PRESETS, preset_family, preset_values
 from sdlora.train.launch import gpu_count
 from ui.common import USER_ERRORS, AppContext, problem
+from ui.guard import client_owner
 
 POLL_SECONDS = 1.0
 # The form fields a preset fills: whether prior preservation is on, then its TrainConfig settings.
@@ -156,16 +157,17 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
     seen = gr.State("")  # what the page shows, so an unchanged job sends nothing
     shown = gr.State(None)  # the id of the job the page shows
 
-    def staged(paths: list[str] | str | None) -> tuple:
+    def staged(paths: list[str] | str | None, request: gr.Request) -> tuple:
+        owner = client_owner(request)
         try:
-            upload = stage_upload([paths] if isinstance(paths, str) else paths, ctx.outputs)
+            files = ctx.uploads.check(owner, [paths] if isinstance(paths, str) else paths or [])
+            upload = stage_upload(files, ctx.outputs)
         except USER_ERRORS as error:
             return None, problem(error), [], [], gr.skip()
+        ctx.uploads.discard(owner, files)  # copied into outputs/uploads: the cached copies are not needed
         message = f"{upload.images} image(s) ready in `{upload.folder}`."
         if upload.skipped:
-            message = problem(
-                f"Left out {len(upload.skipped)} file(s): {'; '.join(upload.skipped)}. {message}"
-            )
+            message = problem(f"{upload.left_out()} {message}")
         return (
             str(upload.folder),
             message,

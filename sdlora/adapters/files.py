@@ -9,6 +9,7 @@ another alpha would silently give different images).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +55,9 @@ class AdapterFacts:
     version: str = sdlora.__version__
     created: str = dataclasses.field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
+    def __post_init__(self) -> None:
+        self.tag_frequency = bounded_tag_frequency(self.tag_frequency)
+
     def started_at(self) -> int:
         """`created` as Unix seconds (kohya's ss_training_started_at)."""
         try:
@@ -75,6 +79,35 @@ class AdapterFacts:
             if f.name in values:
                 kwargs[f.name] = _from_text(values[f.name], f.type)
         return cls(**kwargs)
+
+
+# The header of a safetensors file must stay under 100 MB to be read back; captions are user text of any
+# length, so only the most frequent tags, each cut short, go into the metadata (a few tens of KiB at most).
+MAX_TAGS = 200
+MAX_TAG_CHARS = 100
+
+
+def bounded_tag_frequency(text: str) -> str:
+    """`{tag: count}` JSON cut to the MAX_TAGS most frequent tags, each at most MAX_TAG_CHARS long."""
+    try:
+        counts = json.loads(text or "{}")
+    except json.JSONDecodeError:
+        return "{}"
+    if not isinstance(counts, dict):
+        return "{}"
+    if len(counts) <= MAX_TAGS and all(len(str(tag)) <= MAX_TAG_CHARS for tag in counts):
+        return text or "{}"
+    bounded: dict[str, int] = {}
+    for tag, count in sorted(counts.items(), key=lambda item: -_count(item[1])):
+        short = str(tag)[:MAX_TAG_CHARS]
+        bounded[short] = bounded.get(short, 0) + _count(count)
+        if len(bounded) >= MAX_TAGS:
+            break
+    return json.dumps(bounded)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) else 0
 
 
 def _to_text(value: Any) -> str:

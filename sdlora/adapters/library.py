@@ -10,13 +10,12 @@ until then it is found in the run folder that trained it.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.adapters.files import AdapterError, AdapterFacts, read_metadata
-from sdlora.files import safe_name
+from sdlora.files import atomic_copy, disk_errors, safe_name
 from sdlora.models import base_label
 from sdlora.outputs import ADAPTER_SUFFIX, Outputs
 
@@ -136,10 +135,7 @@ def import_adapter(upload: str | Path, outputs: Outputs) -> Path:
         )
     read_metadata(upload)  # a clear error for a renamed or damaged file
     name = unique_name(outputs, Path(shown).stem)
-    target = outputs.adapter_file(name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(upload, target)
-    return target
+    return atomic_copy(upload, outputs.adapter_file(name))
 
 
 def rename_adapter(outputs: Outputs, name: str, new_name: str) -> Path:
@@ -154,18 +150,21 @@ def rename_adapter(outputs: Outputs, name: str, new_name: str) -> Path:
     if target.exists():
         raise AdapterError(f"There is already an adapter called {new!r}.")
     sample = find_sample(path, outputs)
-    path.rename(target)
+    with disk_errors(outputs.adapters, f"{name!r} keeps its name."):
+        path.rename(target)
     if sample is not None:
         preview = target.with_suffix(PREVIEW_SUFFIX)
-        if sample == path.with_suffix(PREVIEW_SUFFIX):
-            sample.rename(preview)
-        else:
-            shutil.copyfile(sample, preview)
+        with disk_errors(outputs.adapters, f"The adapter is renamed to {new!r}, without its preview image."):
+            if sample == path.with_suffix(PREVIEW_SUFFIX):
+                sample.rename(preview)
+            else:
+                atomic_copy(sample, preview)
     return target
 
 
 def delete_adapter(outputs: Outputs, name: str) -> None:
     """Delete an adapter file and its preview (the run folder that trained it is kept)."""
     path = adapter_path(outputs, name)
-    path.unlink()
-    path.with_suffix(PREVIEW_SUFFIX).unlink(missing_ok=True)
+    with disk_errors(outputs.adapters, f"{name!r} was not deleted."):
+        path.unlink()
+        path.with_suffix(PREVIEW_SUFFIX).unlink(missing_ok=True)

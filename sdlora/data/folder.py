@@ -6,6 +6,7 @@ N times per epoch and use `words` as the prompt for images without a caption.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from sdlora.errors import SdloraError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# A caption is text for a 77-token text encoder: kilobytes, never megabytes. Longer files are cut.
+MAX_CAPTION_BYTES = 16 * 1024
 _KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -40,11 +43,18 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def read_caption(image_path: Path) -> str | None:
-    """The same-name .txt caption, decoded whatever its encoding (BOMs, UTF-16, Latin-1)."""
+    """The same-name .txt caption, decoded whatever its encoding (BOMs, UTF-16, Latin-1); only its first
+    MAX_CAPTION_BYTES are read, so a huge file can't fill memory."""
     caption_path = image_path.with_suffix(".txt")
     if not caption_path.is_file():
         return None
-    raw = caption_path.read_bytes()
+    with open(caption_path, "rb") as handle:
+        raw = handle.read(MAX_CAPTION_BYTES + 1)
+    if len(raw) > MAX_CAPTION_BYTES:
+        log.warning(
+            "%s is longer than %d KiB: only its start is used.", caption_path, MAX_CAPTION_BYTES // 1024
+        )
+        raw = raw[: MAX_CAPTION_BYTES - (MAX_CAPTION_BYTES % 2)]
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         text = raw.decode("utf-16")
     else:
@@ -54,6 +64,15 @@ def read_caption(image_path: Path) -> str | None:
             text = raw.decode("latin-1")
     text = " ".join(text.replace("\x00", "").split())
     return text or None
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks: byte-identical images have the same one."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = True) -> list[Item]:
@@ -68,12 +87,13 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
     groups: list[tuple[Path, int, str | None]] = [(root, 1, prompt)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         match = _KOHYA_DIR.match(sub.name)
-        if match:
+        if match and int(match.group(1)) == 0:
+            log.warning("Leaving out %s: a kohya folder with 0 repeats is never trained on.", sub.name)
+        elif match:
             groups.append((sub, int(match.group(1)), match.group(2).strip()))
     items: list[Item] = []
+    seen: dict[str, Path] = {}
     for folder, repeats, default_prompt in groups:
-        if repeats == 0:
-            continue
         for path in list_images(folder):
             if check_images:
                 try:
@@ -81,6 +101,13 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
                 except ImageError as error:
                     log.warning("Skipping %s", error)
                     continue
+                first = seen.setdefault(file_digest(path), path)
+                if first != path:
+                    log.warning(
+                        "%s is the same picture as %s: it is trained on as two images.",
+                        path.relative_to(root),
+                        first.relative_to(root),
+                    )
             caption = read_caption(path) or default_prompt or prompt
             if not caption:
                 raise DataError(f"{path} has no caption (.txt) and no --prompt was given to use instead.")

@@ -11,8 +11,12 @@ from PIL import Image, ImageOps
 from sdlora.data.buckets import Bucket
 from sdlora.errors import SdloraError
 
-# Refuse decompression bombs outright rather than only warning (PIL's default warns at ~89 Mpx).
+# Refuse decompression bombs outright rather than only warning (PIL's default warns at ~89 Mpx): a 64 Mpx
+# photo already needs ~200 MB decoded. Both limits are checked from the header, before any pixel is decoded.
 MAX_PIXELS = 64_000_000
+# A strip much longer than wide, once scaled to cover a training bucket, becomes enormous (1 x 1,000,000 px
+# needs gigabytes); panoramas stay well within 10:1.
+MAX_ASPECT = 10.0
 
 
 class ImageError(SdloraError, ValueError):
@@ -26,8 +30,7 @@ def load_image(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {image.width}x{image.height} is too large to train on.")
+                check_size(path, image.width, image.height)
                 image.seek(0)
                 image.load()
                 image = ImageOps.exif_transpose(image)
@@ -38,6 +41,22 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(f"{path}: refused as a possible decompression bomb ({error}).") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise ImageError(f"{path}: can't be read as an image ({error}).") from error
+
+
+def check_size(path: str | Path, width: int, height: int) -> None:
+    """Refuse, naming the file, an image whose size would need far more memory than a normal photo."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{Path(path).name}: {width}x{height} has no pixels.")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{Path(path).name}: {width}x{height} is too large to train on "
+            f"(at most {MAX_PIXELS // 1_000_000} million pixels)."
+        )
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise ImageError(
+            f"{Path(path).name}: {width}x{height} is too long and thin to train on "
+            f"(at most {MAX_ASPECT:g}:1)."
+        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -8,25 +8,40 @@ on the command line, and whose captions can be edited as a table before training
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import struct
+import threading
+import time
 import zipfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
+from sdlora.data.folder import MAX_CAPTION_BYTES, file_digest
 from sdlora.errors import SdloraError
-from sdlora.files import atomic_write_text, safe_name
+from sdlora.files import atomic_write_text, disk_errors, safe_name
 from sdlora.outputs import Outputs
 
 CAPTION_SUFFIX = ".txt"
-# A zip is unpacked only if it is modest: this stops a small "zip bomb" from filling the disk.
-MAX_UNPACKED_BYTES = 4 * 1024**3
-MAX_FILES = 20_000
+# Upper bounds on one upload, so a small crafted file can't fill the disk or the server's memory. A zip's
+# entry count is read from its end record before its directory is loaded; every member is streamed to disk.
+MAX_FILES = 20_000  # images and captions in one upload
+MAX_ZIP_ENTRIES = 2 * MAX_FILES  # central-directory entries, counting folders and junk
+MAX_ZIP_DIRECTORY_BYTES = 64 * 1024**2
+MAX_UNPACKED_BYTES = 2 * 1024**3  # all members together
+MAX_IMAGE_BYTES = 256 * 1024**2  # one image member (a 64 Mpx PNG is ~200 MB)
+MAX_SHOWN = 10  # left-out files named in a message; the rest are counted
+MAX_SHOWN_NAME = 80  # characters of an uploaded name echoed back
+UNUSED_UPLOAD_AGE_S = 6 * 3600  # an upload no run used is removed after this long
+_CHUNK = 1024 * 1024
 # Files that operating systems leave in folders and zips; silently left out rather than reported.
 _JUNK = re.compile(r"^(\.|__MACOSX$|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
+_ZERO_REPEATS = re.compile(r"^0+_.+$")  # kohya's N_words folder with N = 0: never trained on
 
 
 class UploadError(SdloraError, ValueError):
@@ -42,35 +57,55 @@ class StagedUpload:
     images: int
     skipped: list[str] = field(default_factory=list)
 
+    def left_out(self) -> str:
+        """What was left out, in a message of bounded length ('' when nothing was)."""
+        return f"Left out {len(self.skipped)} file(s): {shown_list(self.skipped)}." if self.skipped else ""
+
+
+def shown(name: str, limit: int = MAX_SHOWN_NAME) -> str:
+    """An uploaded name cut to `limit` characters (its start and end kept), for echoing to a page."""
+    return name if len(name) <= limit else f"{name[: limit // 2 - 1]}…{name[-(limit // 2) :]}"
+
+
+def shown_list(items: Sequence[str]) -> str:
+    """The first MAX_SHOWN items joined, with how many more there are."""
+    text = "; ".join(items[:MAX_SHOWN])
+    return text + (f"; … and {len(items) - MAX_SHOWN} more" if len(items) > MAX_SHOWN else "")
+
 
 def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> StagedUpload:
     """Copy an upload (image and caption files, or a single .zip) into a new folder under outputs/uploads.
 
-    Files that are neither images nor captions, and images that can't be decoded, are left out and
-    listed in `skipped`; an upload with no usable image raises `UploadError` and leaves nothing behind.
+    Files that are neither images nor captions, images that can't be decoded or are too large, captions
+    over MAX_CAPTION_BYTES and exact duplicates are left out and listed in `skipped`; an upload with no
+    usable image raises `UploadError` and leaves nothing behind, as does a full or read-only disk.
     """
     files = [Path(p) for p in paths or [] if p]
     if not files:
         raise UploadError(
             "Nothing was uploaded: drop a folder of images (with optional .txt captions) or a .zip."
         )
+    if len(files) > MAX_FILES:
+        raise UploadError(f"The upload has {len(files)} files; at most {MAX_FILES:,} are accepted.")
     zips = [p for p in files if p.suffix.lower() == ".zip"]
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
     name = zips[0].stem if zips else suggest_name([p.stem for p in files if _is_image(p.name)])
-    folder = outputs.new_upload_dir(safe_name(name))
-    try:
-        skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
-        skipped += _drop_unreadable_images(folder)
-        images = len(list_images(folder))
-        if not images:
-            details = f" Left out: {'; '.join(skipped)}." if skipped else ""
-            raise UploadError(
-                f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}"
-            )
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+    with disk_errors(outputs.uploads, "Nothing was kept from this upload."):
+        folder = outputs.new_upload_dir(safe_name(name))
+        try:
+            skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
+            skipped += _drop_unreadable_images(folder)
+            skipped += _drop_duplicates(folder)
+            images = len(list_images(folder))
+            if not images:
+                details = f" Left out: {shown_list(skipped)}." if skipped else ""
+                raise UploadError(
+                    f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}"
+                )
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     return StagedUpload(folder, safe_name(name), images, skipped)
 
 
@@ -86,34 +121,47 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _target_name(name: str, folder: Path, skipped: list[str]) -> Path | None:
-    """Where an uploaded file goes, or None (with the reason in `skipped`) if it is left out."""
+def _target_name(name: str, size: int, folder: Path, skipped: list[str]) -> Path | None:
+    """Where an uploaded file of `size` bytes goes, or None (with the reason in `skipped`) if it is left out."""
     if _JUNK.match(name):
         return None
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_SUFFIX:
-        skipped.append(f"{name}: not an image or a .txt caption")
+        skipped.append(f"{shown(name)}: not an image or a .txt caption")
+        return None
+    limit = MAX_CAPTION_BYTES if suffix == CAPTION_SUFFIX else MAX_IMAGE_BYTES
+    if size > limit:
+        kind = "a caption" if suffix == CAPTION_SUFFIX else "an image"
+        skipped.append(
+            f"{shown(name)}: {size / 1024**2:.1f} MiB is too large for {kind} (at most {_size(limit)})"
+        )
         return None
     target = folder / (safe_name(Path(name).stem, default="image") + suffix)
     if target.exists():
-        skipped.append(f"{name}: another file has the same name")
+        skipped.append(f"{shown(name)}: another file has the same name")
         return None
     return target
 
 
+def _size(limit: int) -> str:
+    return f"{limit // 1024**2} MiB" if limit >= 1024**2 else f"{limit // 1024} KiB"
+
+
 def _copy_files(files: list[Path], folder: Path) -> list[str]:
     skipped: list[str] = []
-    if len(files) > MAX_FILES:
-        raise UploadError(f"The upload has {len(files)} files; at most {MAX_FILES} are accepted.")
     for path in files:
-        target = _target_name(path.name, folder, skipped)
+        target = _target_name(path.name, path.stat().st_size, folder, skipped)
         if target is not None:
             shutil.copyfile(path, target)
     return skipped
 
 
 def _unpack_zip(archive: Path, folder: Path) -> list[str]:
-    """Unpack a zip whose files lie at its top or in one folder (what zipping a folder gives)."""
+    """Unpack a zip whose files lie at its top or in one folder (what zipping a folder gives).
+
+    kohya folders with 0 repeats ('0_name') are left out. Each member is streamed to disk and never read
+    past its declared size, which is checked against the limits first."""
+    _check_zip_directory(archive)
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = [m for m in zipped.infolist() if not m.is_dir()]
@@ -121,32 +169,79 @@ def _unpack_zip(archive: Path, folder: Path) -> list[str]:
             members = [m for m in members if not any(_JUNK.match(p) for p in parts[m.filename])]
             if len(members) > MAX_FILES or sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
                 raise UploadError(
-                    f"{archive.name} is too large to unpack (at most {MAX_FILES} files and "
+                    f"{shown(archive.name)} is too large to unpack (at most {MAX_FILES:,} files and "
                     f"{MAX_UNPACKED_BYTES // 1024**3} GiB)."
                 )
             tops = {parts[m.filename][0] for m in members if len(parts[m.filename]) > 1}
             strip = 1 if len(tops) == 1 and all(len(parts[m.filename]) > 1 for m in members) else 0
+            skipped: list[str] = []
+            zero = sorted(
+                {p[strip] for p in parts.values() if len(p) - strip > 1 and _ZERO_REPEATS.match(p[strip])}
+            )
+            if zero:
+                skipped += [
+                    f"{shown(name)}/: a kohya folder with 0 repeats is never trained on" for name in zero
+                ]
+                members = [m for m in members if parts[m.filename][strip] not in zero]
             nested = [m.filename for m in members if len(parts[m.filename]) - strip > 1]
             if nested:
                 raise UploadError(
-                    f"{archive.name} has folders inside (e.g. '{nested[0]}'): put the images and captions "
-                    "directly in the zip, or in a single folder inside it."
+                    f"{shown(archive.name)} has folders inside (e.g. '{shown(nested[0])}'): put the images and "
+                    "captions directly in the zip, or in a single folder inside it."
                 )
-            skipped: list[str] = []
             for member in members:
-                target = _target_name(parts[member.filename][-1], folder, skipped)
+                target = _target_name(parts[member.filename][-1], member.file_size, folder, skipped)
                 if target is not None:
-                    target.write_bytes(zipped.read(member))
+                    _stream_member(zipped, member, target)
             return skipped
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as error:
-        raise UploadError(f"{archive.name} can't be unpacked as a zip file ({error}).") from error
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as error:
+        raise UploadError(f"{shown(archive.name)} can't be unpacked as a zip file ({error}).") from error
+
+
+def _stream_member(zipped: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path) -> None:
+    """Copy one member to `target` in blocks; zipfile stops at the declared size and checks the CRC."""
+    written = 0
+    with zipped.open(member) as source, open(target, "wb") as out:
+        for block in iter(lambda: source.read(_CHUNK), b""):
+            written += len(block)
+            if written > member.file_size:  # never trust a member to stop where it says
+                raise zipfile.BadZipFile(f"{member.filename} is longer than its header says")
+            out.write(block)
+
+
+def _check_zip_directory(archive: Path) -> None:
+    """Refuse a zip with too many entries from its end record, before its directory is read into memory."""
+    try:
+        with open(archive, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - (65_536 + 22)))
+            tail = handle.read()
+            at = tail.rfind(b"PK\x05\x06")
+            if at < 0 or len(tail) - at < 22:
+                return  # not a zip: zipfile says so with its own message
+            entries, directory_bytes = struct.unpack("<HI", tail[at + 10 : at + 16])
+            if entries == 0xFFFF or directory_bytes == 0xFFFFFFFF:  # Zip64: the real counts are elsewhere
+                locator = tail.rfind(b"PK\x06\x07", 0, at)
+                if locator >= 0:
+                    (offset,) = struct.unpack("<Q", tail[locator + 8 : locator + 16])
+                    handle.seek(offset)
+                    record = handle.read(56)
+                    if record[:4] == b"PK\x06\x06":
+                        entries, directory_bytes = struct.unpack("<QQ", record[32:48])
+    except (OSError, struct.error) as error:
+        raise UploadError(f"{shown(archive.name)} can't be read as a zip file ({error}).") from error
+    if entries > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
+        raise UploadError(
+            f"{shown(archive.name)} lists {entries:,} entries; at most {MAX_ZIP_ENTRIES:,} are accepted."
+        )
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
     """A zip member's path parts; absolute paths and '..' (which could write outside the folder) are refused."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
-        raise UploadError(f"The zip contains an unsafe path: {name!r}.")
+        raise UploadError(f"The zip contains an unsafe path: {shown(name)!r}.")
     return path.parts
 
 
@@ -156,9 +251,101 @@ def _drop_unreadable_images(folder: Path) -> list[str]:
         try:
             load_image(path)
         except ImageError as error:
-            skipped.append(f"{path.name}: can't be read as an image ({str(error.__cause__ or error)[:80]})")
+            if error.__cause__ is not None:  # the decoder's complaint
+                reason = f"can't be read as an image ({str(error.__cause__)[:120]})"
+            else:  # refused from its header: the message says why
+                reason = str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
+            skipped.append(f"{shown(path.name)}: {reason}")
             path.unlink()
+            path.with_suffix(CAPTION_SUFFIX).unlink(missing_ok=True)
     return skipped
+
+
+def _drop_duplicates(folder: Path) -> list[str]:
+    """Leave out byte-identical copies of an image (they would be trained on twice as often)."""
+    skipped, seen = [], {}
+    for path in list_images(folder):
+        first = seen.setdefault(file_digest(path), path)
+        if first != path:
+            skipped.append(f"{shown(path.name)}: the same picture as {shown(first.name)}")
+            path.unlink()
+            path.with_suffix(CAPTION_SUFFIX).unlink(missing_ok=True)
+    return skipped
+
+
+class UploadLedger:
+    """The files this server handed out from its upload route, by client.
+
+    A request may name only files its own client uploaded, so no API call can make the app read a file
+    it was not sent (an adapter already in outputs/, a path guessed in the upload cache). Bounded: the
+    oldest records are forgotten first.
+    """
+
+    def __init__(self, capacity: int = 4 * MAX_FILES) -> None:
+        self._paths: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def record(self, owner: str, paths: Iterable[str | Path]) -> None:
+        with self._lock:
+            for path in paths:
+                key = (owner, os.path.realpath(path))
+                self._paths[key] = None
+                self._paths.move_to_end(key)
+            while len(self._paths) > self._capacity:
+                self._paths.popitem(last=False)
+
+    def check(self, owner: str, paths: Iterable[str | Path | None]) -> list[Path]:
+        """`paths` as Paths if this client uploaded every one; UploadError naming the first that it did not."""
+        checked = []
+        with self._lock:
+            for path in paths:
+                if not path:
+                    continue
+                if (owner, os.path.realpath(path)) not in self._paths:
+                    raise UploadError(
+                        f"{shown(Path(path).name)} was not uploaded to this server in this session: "
+                        "only files you upload here can be used."
+                    )
+                checked.append(Path(path))
+        return checked
+
+    def discard(self, owner: str, paths: Iterable[str | Path]) -> None:
+        """Forget files once they were copied where they are used, and delete the cached copies."""
+        for path in paths:
+            with self._lock:
+                known = self._paths.pop((owner, os.path.realpath(path)), "missing") is None
+            if known:
+                Path(path).unlink(missing_ok=True)
+
+
+def clean_uploads(
+    outputs: Outputs, in_use: Iterable[str | Path] = (), min_age_s: float = UNUSED_UPLOAD_AGE_S
+) -> list[Path]:
+    """Remove upload folders that no run used, no job in `in_use` waits on, and that are older than
+    `min_age_s` (so one just staged for a run about to start stays). Run folders and adapters are never
+    touched. Returns what was removed."""
+    if not outputs.uploads.is_dir():
+        return []
+    keep = {os.path.realpath(path) for path in in_use if path}
+    for config in outputs.runs.glob("*/config.json"):
+        try:
+            data_dir = json.loads(config.read_text(encoding="utf-8")).get("data_dir")
+        except (OSError, ValueError):
+            continue
+        if data_dir:
+            keep.add(os.path.realpath(data_dir))
+    removed = []
+    now = time.time()
+    for folder in outputs.uploads.iterdir():
+        try:
+            old = now - folder.lstat().st_mtime > min_age_s
+        except OSError:
+            continue
+        if old and folder.is_dir() and not folder.is_symlink() and os.path.realpath(folder) not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def caption_rows(folder: str | Path | None) -> list[list[str]]:

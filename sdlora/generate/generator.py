@@ -22,7 +22,7 @@ import sdlora
 from sdlora.adapters import AdapterError, Compatibility, LoraFile, check_compatibility, read_lora
 from sdlora.adapters.inspect import find_layer
 from sdlora.adapters.modules import NetworkModule
-from sdlora.config import ConfigError
+from sdlora.config import MAX_IMAGES, ConfigError
 from sdlora.errors import SdloraError
 from sdlora.files import safe_name
 from sdlora.generate.prompts import PromptError, lora_weights
@@ -49,7 +49,6 @@ class GenerationParams:
 
 
 MAX_WEIGHT = 4.0  # adapter weights outside [-4, 4] are refused: no shared LoRA is meant for more
-MAX_IMAGES = 16  # images per sweep, comparison or grid
 MENU_SIDE_FACTOR = 2  # sizes offered in menus: up to 2x the base's native size per side
 MAX_SIDE_FACTOR = 4  # sizes accepted at all (typed): up to 4x; beyond, a base draws tiled repeats, slowly
 

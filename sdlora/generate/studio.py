@@ -14,8 +14,9 @@ from pathlib import Path
 
 from sdlora.adapters import read_lora
 from sdlora.adapters.library import adapter_path
-from sdlora.config import ConfigError, parse_size
+from sdlora.config import ConfigError, check_generation, parse_size
 from sdlora.demo import base_spec
+from sdlora.files import DiskError
 from sdlora.generate.generator import GenerationParams, Generator
 from sdlora.generate.images import labeled_parameters, save_png
 from sdlora.models import resolve_base
@@ -28,6 +29,7 @@ def make_params(
     """GenerationParams from a form's values; 'native' (or empty) size means the base model's own size."""
     if not (prompt or "").strip():
         raise ConfigError("Write a prompt: say what to draw.")
+    check_generation(prompt, negative, int(steps))
     width = height = None
     if size and size.strip().lower() != "native":
         width, height = parse_size(size.strip())
@@ -121,10 +123,16 @@ class Studio:
             return self._save(generator.sweep(params, first, list(weights), names))
 
     def _save(self, labeled: list[tuple[str, object]]) -> Result:
+        """Save each image as a PNG; on a full or read-only disk, say which were kept."""
         now = datetime.now()
-        images = [
-            (str(save_png(image, self.outputs.image_file(f"-{index}", now))), label)
-            for index, (label, image) in enumerate(labeled)
-        ]
+        images: list[tuple[str, str]] = []
+        for index, (label, image) in enumerate(labeled):
+            try:
+                images.append((str(save_png(image, self.outputs.image_file(f"-{index}", now))), label))
+            except DiskError as error:
+                kept = f"{len(images)} of {len(labeled)} images were saved" + (
+                    f" ({', '.join(Path(path).name for path, _ in images)})." if images else "."
+                )
+                raise DiskError(error.errno, f"{error.strerror} {kept}") from error
         parameters = labeled_parameters(labeled)
         return Result(images, parameters if len(labeled) > 1 else labeled[0][1].info.get("parameters", ""))

@@ -1,7 +1,8 @@
 """Training checkpoints: LoRA weights, optimizer and schedule state, RNG state and step.
 
 Everything tensor-valued goes in safetensors and the rest in JSON, so resuming never unpickles.
-Each checkpoint is written into a temporary folder and renamed into place when complete.
+Each checkpoint is written into a temporary folder and renamed into place when complete; a write that fails
+(a full or read-only disk) removes the temporary folder and raises `DiskError` naming the last good one.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from sdlora.files import atomic_replace_dir, fsync_dir
+from sdlora.files import atomic_replace_dir, disk_errors, fsync_dir
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# A checkpoint is complete only with all of these; state.json is written last.
+CHECKPOINT_FILES = ("lora.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 @dataclass
@@ -32,17 +35,39 @@ class TrainingState:
 
 
 def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
-    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints.
+
+    On a full or read-only disk nothing half-written is left and `DiskError` says which checkpoint is the
+    newest complete one."""
     final = folder / f"step-{state.step:06d}"
     tmp = folder / f".step-{state.step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.lora.items()}, tmp / "lora.safetensors")
+    try:
+        with disk_errors(folder, _kept(folder)):
+            folder.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            _write_state(tmp, state)
+            atomic_replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_state(tmp: Path, state: TrainingState) -> None:
+    # Serialised in memory and written by Python (the LoRA and its optimizer state are small), so a full
+    # disk is an OSError with its errno rather than safetensors' own error type.
     opt_tensors, opt_json = _split_optimizer_state(state.optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
+    tensors = {
+        "lora.safetensors": {k: v.detach().cpu().contiguous() for k, v in state.lora.items()},
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": {k: v.cpu().contiguous() for k, v in state.rng.items()},
+    }
+    for name, values in tensors.items():
+        (tmp / name).write_bytes(save(values))
     (tmp / "state.json").write_text(
         json.dumps({"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}, indent=1)
     )
@@ -50,18 +75,32 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
     fsync_dir(tmp)
-    atomic_replace_dir(tmp, final)
-    for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def _kept(folder: Path) -> str:
+    """What a failed checkpoint leaves to resume from, for the error message."""
+    complete = list_checkpoints(folder)
+    if complete:
+        return (
+            f"The checkpoint was not written; the last good one is {complete[-1]} (continue with --resume)."
+        )
+    return "The checkpoint was not written; there is no earlier one."
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (half-written `.tmp` folders are ignored)."""
+    """Complete checkpoints, oldest first: half-written `.tmp` folders and folders missing a file (copied
+    in part, or left by an older version) are ignored, so resume never picks one up."""
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if _complete(p)]
+
+
+def _complete(path: Path) -> bool:
+    try:
+        return all((path / name).stat().st_size > 0 for name in CHECKPOINT_FILES)
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path) -> TrainingState:
