@@ -31,13 +31,13 @@ def guess_family(lora: LoraFile) -> str:
     """
     components = lora.components()
     candidates = [f for f in FAMILIES.values() if set(components) <= set(f.components)]
+    if len(candidates) == 1:
+        return candidates[0].name
     for name, module in components.get("unet", {}).items():
         if ".attn2.to_k" in f".{name}" or ".attn2.to_v" in f".{name}":
             width = int(module.shape[1])
             found = [f for f in candidates if f.cross_attention_dim == width]
             return found[0].name if found else f"other ({width}-wide text)"
-    if len(candidates) == 1:
-        return candidates[0].name
     if "text_encoder" in components:
         width = int(next(iter(components["text_encoder"].values())).shape[1])
         found = [f for f in candidates if f.text_encoders[0].width == width]
@@ -63,8 +63,13 @@ class Compatibility:
 
     @property
     def family_mismatch(self) -> bool:
-        """The file's family is known and differs from the base's: refused even where some shapes fit."""
-        return self.lora_family != "unknown" and self.lora_family != self.base_family
+        """Both families are determined and differ (a known family against another known one, or two
+        'other' widths): refused even where some shapes fit. A known family against an 'other' base
+        (a miniature of it, say) is judged module by module instead."""
+        if "unknown" in (self.lora_family, self.base_family) or self.lora_family == self.base_family:
+            return False
+        others = [f.startswith("other") for f in (self.lora_family, self.base_family)]
+        return all(others) or not any(others)
 
     @property
     def ok(self) -> bool:
@@ -89,7 +94,8 @@ class Compatibility:
             )
         if not self.ok:
             return (
-                f"{what} does not fit the base {base} ({self.base_family}): {len(self.unmapped)} of {total} "
+                f"{what}{'' if self.lora_family == 'unknown' else f' (a LoRA for {self.lora_family})'} does not "
+                f"fit the base {base} ({self.base_family}): {len(self.unmapped)} of {total} "
                 f"modules do not fit, e.g. {examples}. It was made for a different model."
             )
         if self.unmapped:
