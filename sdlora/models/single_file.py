@@ -305,6 +305,9 @@ def save_single_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file, not mkstemp's owner-only
     try:
         save_file(state, tmp, metadata=info)
         with open(tmp, "rb") as handle:
