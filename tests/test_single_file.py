@@ -5,6 +5,7 @@ extracted from two models; the CLI doing all of it with HF_HUB_OFFLINE=1."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -412,3 +413,63 @@ def test_cli_offline_train_generate_merge_extract_with_single_files(tmp_path, ca
     capsys.readouterr()
     assert main(["generate", "x", "--base", str(tmp_path / "star.png.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_files_without_sdlora_configs_load_through_the_family_folder(tmp_path, monkeypatch):
+    """The path real checkpoints take: the file says nothing of its sizes, the family's config folder
+    (here a tiny one standing in for the shipped sd1 folder) goes to from_single_file."""
+    from sdlora.models import single_file
+
+    pipe = tiny_pipeline(seed=5)
+    path = save_single_file(pipe, tmp_path / "tiny.safetensors", dtype=torch.float32)
+    with safe_open(str(path), "pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != CONFIGS_KEY}
+    save_file(load_file(path), tmp_path / "plain.safetensors", metadata=metadata)
+    for name, config in single_file._pipeline_configs(pipe).items():
+        (tmp_path / "configs" / "sd1" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "configs" / "sd1" / name).write_text(json.dumps(config))
+    monkeypatch.setattr(single_file, "CONFIGS_DIR", tmp_path / "configs")
+    loaded = load_base(str(tmp_path / "plain.safetensors"))
+    assert (unet_output(loaded) - unet_output(pipe)).abs().max().item() == 0.0
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SDLORA_FULL_SIZE_TESTS"), reason="SD 1.5-sized (2 GB file, ~10 GB RAM): opt in"
+)
+def test_a_full_size_sd1_file_loads_with_the_shipped_configs(tmp_path):
+    """An SD 1.5-shaped pipeline (random weights) written as a single file without sdlora's configs
+    loads through the shipped sd1 folder and CLIP tokenizer into the same U-Net output."""
+    index, parts = _meta_pipeline(CONFIGS_DIR / "sd1")
+    generator = torch.Generator().manual_seed(0)
+    for model in parts.values():
+        model.to_empty(device="cpu")
+        for parameter in model.parameters():
+            parameter.data.normal_(0, 0.02, generator=generator)
+        for name, buffer in model.named_buffers():
+            if name.endswith("position_ids"):
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    from diffusers import PNDMScheduler
+
+    pipe = StableDiffusionPipeline(
+        **parts,
+        tokenizer=clip_tokenizer(),
+        scheduler=PNDMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+    )
+    path = tmp_path / "sd15-random.safetensors"
+    save_file(
+        {k: v.half().contiguous() for k, v in to_original(pipe).items()}, path, metadata={"format": "pt"}
+    )
+    del pipe
+    loaded = load_base(str(path))
+    assert (
+        json.loads((CONFIGS_DIR / "sd1" / "unet" / "config.json").read_text())["cross_attention_dim"] == 768
+    )
+    half = {k: v.half().float() for k, v in parts["unet"].state_dict().items()}
+    parts["unet"].load_state_dict(half)
+    reference = type("P", (), {"unet": parts["unet"]})()
+    difference = (unet_output(loaded) - unet_output(reference)).abs().max().item()
+    print(f"full-size SD 1.5-shaped file via the shipped configs: U-Net max |diff| {difference:.3g}")
+    assert difference == 0.0
+    assert loaded.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

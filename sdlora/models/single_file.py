@@ -341,6 +341,8 @@ def _pipeline_configs(pipe: DiffusionPipeline) -> dict[str, dict]:
     configs["scheduler/scheduler_config.json"] = dict(pipe.scheduler.config)
     for encoder in family.text_encoders:
         configs[f"{encoder.component}/config.json"] = getattr(pipe, encoder.component).config.to_dict()
+    for config in configs.values():  # where the base was loaded from is nobody else's business
+        config.pop("_name_or_path", None)
     return json.loads(json.dumps(configs, default=list))  # tuples and the like as JSON has them
 
 
