@@ -259,6 +259,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}  # torch dtypes, imported late
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.adapters import read_lora, write_lora
     from sdlora.adapters.merge import merge_loras
@@ -266,8 +269,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     adapters = [parse_lora_arg(text) for text in args.adapters]
     if args.into_model:
-        out = fuse_into_base(args.base, adapters, args.out)
-        print(f"Full model with {len(adapters)} adapter(s) fused: {out}")
+        import torch
+
+        out = fuse_into_base(args.base, adapters, args.out, dtype=getattr(torch, PRECISIONS[args.precision]))
+        kind = "single file" if out.suffix == ".safetensors" else "diffusers folder"
+        print(f"Full model with {len(adapters)} adapter(s) fused: {out} ({kind})")
         return 0
     if not args.out.endswith(".safetensors"):
         raise ConfigError("--out must be a .safetensors file when merging LoRAs (or pass --into-model).")
@@ -277,6 +283,33 @@ def cmd_merge(args: argparse.Namespace) -> int:
     print(
         f"Merged {len(adapters)} adapters into {args.out}: {how}; relative error max "
         f"{report.max_relative_error:.2e}, mean {report.mean_relative_error:.2e}"
+    )
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from sdlora.adapters import write_lora
+    from sdlora.adapters.extract import extract_lora
+    from sdlora.models import load_base
+
+    if not args.out.endswith(".safetensors"):
+        raise ConfigError("--out must be a .safetensors file.")
+    tuned = load_base(args.tuned, prediction_type=args.prediction_type)
+    base = load_base(args.base, prediction_type=args.prediction_type)
+    lora, report = extract_lora(tuned, base, args.rank, conv_rank=args.conv_rank, min_diff=args.min_diff)
+    write_lora(lora, args.out, "kohya")
+    errors = sorted(report.errors.items(), key=lambda item: -item[1])
+    shown = errors if args.modules else errors[:10]
+    for module, error in shown:
+        print(f"  {module}: rank {report.ranks[module]}, relative error {error:.3e}")
+    if len(shown) < len(errors):
+        print(f"  ... {len(errors) - len(shown)} more with smaller errors (--modules lists all)")
+    left_out = f"{report.unchanged} unchanged layers left out"
+    if report.skipped_convs:
+        left_out += f", {report.skipped_convs} changed k x k convolutions left out (--conv-rank 0)"
+    print(
+        f"Extracted {len(errors)} modules at rank {args.rank} into {args.out}: relative error max "
+        f"{report.max_error:.3e}, mean {report.mean_error:.3e}; {left_out}."
     )
     return 0
 
@@ -408,7 +441,9 @@ def make_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("adapters", nargs="+", metavar="FILE[:WEIGHT]")
     merge.add_argument(
-        "--out", required=True, help="Merged LoRA (.safetensors) or, with --into-model, a folder."
+        "--out",
+        required=True,
+        help="Merged LoRA (.safetensors) or, with --into-model, a model file (.safetensors) or folder.",
     )
     merge.add_argument(
         "--rank",
@@ -418,10 +453,47 @@ def make_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--format", choices=FILE_FORMATS, default="kohya", help="Layout of the merged LoRA.")
     merge.add_argument(
-        "--into-model", action="store_true", help="Fuse into the base and save a diffusers folder."
+        "--into-model",
+        action="store_true",
+        help="Fuse into the base and save the full model: one original-layout .safetensors file "
+        "(A1111, Forge, ComfyUI) when --out ends in .safetensors, else a diffusers folder.",
     )
     merge.add_argument("--base", default=None, help="Base for --into-model (default: the demo model).")
+    merge.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="fp16",
+        help="Weights of a --into-model single file (default: fp16, as shared checkpoints are).",
+    )
     merge.set_defaults(handler=cmd_merge)
+
+    extract = commands.add_parser(
+        "extract", help="Extract a LoRA from a fine-tuned model and its base (SVD of the weight changes)."
+    )
+    extract.add_argument("tuned", help="The fine-tuned model: .safetensors file, diffusers folder or hub id.")
+    extract.add_argument("base", help="The model it was tuned from.")
+    extract.add_argument("--rank", type=int, required=True, help="LoRA rank of every linear layer.")
+    extract.add_argument(
+        "--conv-rank",
+        type=int,
+        default=None,
+        help="Rank of 3x3 convolutions (LoCon); default: --rank; 0 leaves them out.",
+    )
+    extract.add_argument(
+        "--min-diff",
+        type=float,
+        default=0.0,
+        help="Leave out layers whose largest weight change is at most this (default 0: unchanged ones).",
+    )
+    extract.add_argument(
+        "--prediction-type",
+        choices=["epsilon", "v_prediction"],
+        default=None,
+        help="For single files that don't say (SD 2.x files are taken as 768-v).",
+    )
+    extract.add_argument("--out", required=True, help="The LoRA file (.safetensors, kohya layout).")
+    extract.add_argument("--modules", action="store_true", help="Print every module's error.")
+    extract.set_defaults(handler=cmd_extract)
 
     library = argparse.ArgumentParser(add_help=False)
     library.add_argument(

@@ -37,6 +37,9 @@ class TextEncoder:
     tokenizer: str  # pipeline attribute of its tokenizer
     kohya_prefix: str  # how kohya/A1111 files name its modules
     width: int  # hidden size
+    checkpoint_prefix: str  # its keys' prefix in the original (LDM/SGM) single-file checkpoints
+    open_clip: bool = False  # stored there in OpenCLIP's layout (fused qkv) rather than transformers'
+    pad_token: str = "<|endoftext|>"  # OpenCLIP's tokenizers pad with "!"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class Family:
     native_size: int  # nominal training size in pixels; the pipeline's own config decides
     kohya_base_version: str  # kohya's `ss_base_model_version`
     modelspec_architecture: str  # SAI model-spec `modelspec.architecture`, without the `/lora` suffix
+    # prediction type -> folder under sdlora/models/configs with the diffusers configs that load its
+    # single-file checkpoints offline; the first is the default when a file does not say
+    single_file_configs: tuple[tuple[str, str], ...] = ()
     layers_per_block: int = 2  # U-Net layers per down block: kohya's SGM-named blocks are numbered by it
     unet_targets: tuple[str, ...] = ATTENTION_TARGETS
     text_encoder_targets: tuple[str, ...] = CLIP_ATTENTION_TARGETS
@@ -75,7 +81,7 @@ class Family:
         return "v" if self.prediction_type == "v_prediction" else "epsilon"
 
 
-_CLIP_L = TextEncoder("text_encoder", "tokenizer", "lora_te_", 768)
+_CLIP_L = TextEncoder("text_encoder", "tokenizer", "lora_te_", 768, "cond_stage_model.transformer.")
 
 FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
     {
@@ -92,26 +98,42 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
                 native_size=512,
                 kohya_base_version="sd_v1",
                 modelspec_architecture="stable-diffusion-v1",
+                single_file_configs=(("epsilon", "sd1"),),
             ),
             Family(
                 name="sd2",
                 label="Stable Diffusion 2.x",
                 pipeline_class="StableDiffusionPipeline",
-                text_encoders=(TextEncoder("text_encoder", "tokenizer", "lora_te_", 1024),),  # OpenCLIP ViT-H
+                text_encoders=(  # OpenCLIP ViT-H
+                    TextEncoder(
+                        "text_encoder", "tokenizer", "lora_te_", 1024, "cond_stage_model.model.", True, "!"
+                    ),
+                ),
                 cross_attention_dim=1024,
                 addition_embed_type=None,
                 prediction_type="v_prediction",  # 2.x-768; the 512 "base" checkpoints predict epsilon
                 native_size=768,
                 kohya_base_version="sd_v2",
                 modelspec_architecture="stable-diffusion-v2-768-v",
+                single_file_configs=(("v_prediction", "sd2-768-v"), ("epsilon", "sd2-512")),
             ),
             Family(
                 name="sdxl",
                 label="Stable Diffusion XL",
                 pipeline_class="StableDiffusionXLPipeline",
                 text_encoders=(
-                    TextEncoder("text_encoder", "tokenizer", "lora_te1_", 768),
-                    TextEncoder("text_encoder_2", "tokenizer_2", "lora_te2_", 1280),  # OpenCLIP ViT-bigG
+                    TextEncoder(
+                        "text_encoder", "tokenizer", "lora_te1_", 768, "conditioner.embedders.0.transformer."
+                    ),
+                    TextEncoder(  # OpenCLIP ViT-bigG
+                        "text_encoder_2",
+                        "tokenizer_2",
+                        "lora_te2_",
+                        1280,
+                        "conditioner.embedders.1.model.",
+                        True,
+                        "!",
+                    ),
                 ),
                 cross_attention_dim=2048,
                 addition_embed_type="text_time",  # pooled text embedding plus size and crop "time ids"
@@ -119,6 +141,7 @@ FAMILIES: MappingProxyType[str, Family] = MappingProxyType(
                 native_size=1024,
                 kohya_base_version="sdxl_base_v1-0",
                 modelspec_architecture="stable-diffusion-xl-v1-base",
+                single_file_configs=(("epsilon", "sdxl"),),
             ),
         )
     }

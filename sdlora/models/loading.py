@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from pathlib import Path
 
-import diffusers
 import torch
 from diffusers import DiffusionPipeline
 
 from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.errors import SdloraError
-from sdlora.models.families import FAMILIES, UnknownFamilyError, family_of
+from sdlora.models.families import UnknownFamilyError, family_of
+from sdlora.models.single_file import SingleFileError, load_single_file
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,14 @@ def resolve_base(spec: str | None) -> str:
     return str(DEMO_MODEL_DIR)
 
 
-def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+def load_base(
+    spec: str | None = None, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None
+) -> DiffusionPipeline:
     """Load a Stable Diffusion pipeline from a hub id, a local diffusers folder or a single .safetensors file.
 
-    Only safetensors weights are read from local files; pickled checkpoints are refused.
+    Only safetensors weights are read from local files; pickled checkpoints are refused. Single files
+    load without a network; `prediction_type` ("epsilon" or "v_prediction") overrides what such a file
+    says it predicts (an SD 2.x file that says nothing is taken to be 768-v).
     """
     spec = resolve_base(spec)
     path = Path(spec).expanduser()
@@ -62,7 +65,7 @@ def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) ->
     elif path.suffix.lower() == ".safetensors":
         if not path.is_file():
             raise BaseModelError(f"Checkpoint file {path} does not exist.")
-        pipe = _load_single_file(path, common)
+        pipe = _load_single_file(path, common, prediction_type)
     else:
         pipe = _load_from_hub(spec, common)
     pipe.set_progress_bar_config(disable=True)
@@ -73,22 +76,13 @@ def load_base(spec: str | None = None, *, dtype: torch.dtype = torch.float32) ->
     return pipe
 
 
-def _load_single_file(path: Path, common: dict) -> DiffusionPipeline:
-    """Each family's pipeline class in turn (diffusers tells 1.x from 2.x by the weights)."""
-    classes = dict.fromkeys(getattr(diffusers, f.pipeline_class) for f in FAMILIES.values())
-    errors = []
-    for cls in classes:
-        options = (
-            common if "safety_checker" in inspect.signature(cls).parameters else {"dtype": common["dtype"]}
-        )
-        try:
-            return cls.from_single_file(str(path), **options)
-        except Exception as error:  # noqa: BLE001 - diffusers raises many kinds here
-            errors.append(error)
-    labels = ", ".join(f.label for f in FAMILIES.values())
-    raise BaseModelError(
-        f"Could not load the single-file checkpoint {path} as any of {labels}: {errors[0]}"
-    ) from errors[0]
+def _load_single_file(path: Path, common: dict, prediction_type: str | None) -> DiffusionPipeline:
+    """An original-layout checkpoint, offline: sdlora ships the configs and tokenizers it needs."""
+    options = {k: v for k, v in common.items() if k != "dtype"}
+    try:
+        return load_single_file(path, dtype=common["dtype"], prediction_type=prediction_type, **options)
+    except SingleFileError as error:
+        raise BaseModelError(f"Could not load the single-file checkpoint {path}: {error}") from error
 
 
 def _load_from_hub(spec: str, common: dict) -> DiffusionPipeline:
