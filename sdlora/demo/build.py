@@ -348,6 +348,9 @@ def refine_shipped_decoder(model_dir: Path, *, seed: int = 0, config: BuildConfi
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(model_dir, staging)
     vae.cpu().save_pretrained(staging / "vae", safe_serialization=True)
+    config_path = staging / "vae" / "config.json"  # no trace of where the refinement ran
+    vae_config = {k: v for k, v in json.loads(config_path.read_text()).items() if k != "_name_or_path"}
+    config_path.write_text(json.dumps(vae_config, indent=2, sort_keys=True) + "\n")
     save_fp16(staging / "vae")
     build_info = json.loads((staging / "build_info.json").read_text())
     build_info["decoder_refinement"] = info
