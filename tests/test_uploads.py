@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from sdlora.data.uploads import (
+    EMPTY_FOLDER,
+    RELATIVE_SEP,
     UploadError,
     caption_rows,
     save_captions,
@@ -79,13 +81,11 @@ def test_a_zip_is_unpacked_flat_or_from_its_one_folder(prefix, tmp_path):
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({"set/sub/a.png": b"x", "set/b.png": b"x"}, "folders inside"),
-        ({"a/x.png": b"x", "b/y.png": b"x"}, "folders inside"),
         ({"../evil.png": b"x"}, "unsafe path"),
         ({"/etc/evil.png": b"x"}, "unsafe path"),
     ],
 )
-def test_zips_with_nested_folders_or_unsafe_paths_are_refused(members, message, tmp_path):
+def test_zips_with_unsafe_paths_are_refused(members, message, tmp_path):
     with pytest.raises(UploadError, match=message):
         stage_upload([make_zip(tmp_path / "bad.zip", members)], Outputs(tmp_path))
     assert not (tmp_path / "evil.png").exists() and list((tmp_path / "uploads").iterdir()) == []
@@ -138,3 +138,75 @@ def test_thumbnails_say_when_the_instance_prompt_stands_in_for_a_caption(blob_fo
         str(blob_folder / "a.png"),
         "(no caption: the instance prompt is used)",
     )
+
+
+def dropped(tmp_path: Path, files: dict[str, bytes]) -> list[Path]:
+    """Files as the page sends a dropped folder: each under its path inside it, parts joined by RELATIVE_SEP."""
+    paths = []
+    for index, (relative, data) in enumerate(files.items()):
+        path = tmp_path / "cache" / str(index) / relative.replace("/", RELATIVE_SEP)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def kohya_files(tmp_path: Path) -> dict[str, bytes]:
+    png = png_bytes(tmp_path)
+    return {
+        "my stars/10_sks star/a.png": png,
+        "my stars/10_sks star/a.txt": b"a sks star, outlined",
+        "my stars/10_sks star/b.png": png,
+        "my stars/1_star/a.png": png,
+        "my stars/extra/a.png": png,
+        "my stars/extra/a.txt": b"an extra star",
+        "my stars/c.png": png,
+        "my stars/a.png": png,
+    }
+
+
+def test_a_dropped_kohya_folder_keeps_its_repeats_prompts_and_same_named_files(tmp_path):
+    from sdlora.data import scan_folder
+
+    staged = stage_upload(dropped(tmp_path, kohya_files(tmp_path)), Outputs(tmp_path))
+    assert (staged.name, staged.images, staged.skipped) == ("my_stars", 6, [])
+    items = {
+        item.path.relative_to(staged.folder).as_posix(): item for item in scan_folder(staged.folder, "p")
+    }
+    assert {name: (item.caption, item.repeats) for name, item in items.items()} == {
+        "a.png": ("p", 1),
+        "c.png": ("p", 1),
+        "extra_a.png": ("an extra star", 1),  # another sub-folder's a.png, renamed with its caption
+        "10_sks star/a.png": ("a sks star, outlined", 10),
+        "10_sks star/b.png": ("sks star", 10),
+        "1_star/a.png": ("star", 1),
+    }
+    assert ["10_sks star/a.png", "a sks star, outlined"] in caption_rows(staged.folder)
+
+
+def test_a_kohya_zip_keeps_its_sub_folders(tmp_path):
+    members = {name.removeprefix("my stars/"): data for name, data in kohya_files(tmp_path).items()}
+    staged = stage_upload([make_zip(tmp_path / "stars.zip", members)], Outputs(tmp_path))
+    assert (staged.name, staged.images) == ("stars", 6)
+    assert (staged.folder / "10_sks star" / "b.png").is_file() and (
+        staged.folder / "1_star" / "a.png"
+    ).is_file()
+
+
+def test_an_empty_dropped_folder_gets_a_message(tmp_path):
+    marker = tmp_path / EMPTY_FOLDER
+    marker.write_bytes(b"")
+    with pytest.raises(UploadError, match="has no files"):
+        stage_upload([marker], Outputs(tmp_path))
+
+
+def test_messages_name_files_by_their_path_in_the_upload_not_the_server_s(tmp_path):
+    files = {
+        "set/sub/notes.pdf": b"%PDF",
+        "set/sub/broken.png": b"not a png",
+        "set/ok.png": png_bytes(tmp_path),
+    }
+    staged = stage_upload(dropped(tmp_path, files), Outputs(tmp_path))
+    assert staged.skipped[0] == "sub/notes.pdf: not an image or a .txt caption"
+    assert staged.skipped[1].startswith("broken.png: can't be read as an image")
+    assert str(tmp_path) not in " ".join(staged.skipped)

@@ -17,7 +17,7 @@ from sdlora.errors import SdloraError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
 class DataError(SdloraError, ValueError):
@@ -67,7 +67,7 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
         raise DataError(f"{root} is not a folder.")
     groups: list[tuple[Path, int, str | None]] = [(root, 1, prompt)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _KOHYA_DIR.match(sub.name)
+        match = KOHYA_DIR.match(sub.name)
         if match:
             groups.append((sub, int(match.group(1)), match.group(2).strip()))
     items: list[Item] = []

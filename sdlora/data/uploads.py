@@ -12,21 +12,30 @@ import os
 import re
 import shutil
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
+from sdlora.data.folder import KOHYA_DIR
 from sdlora.errors import SdloraError
 from sdlora.files import atomic_write_text, safe_name
 from sdlora.outputs import Outputs
 
 CAPTION_SUFFIX = ".txt"
+# The app's page names each file of a dropped folder by its path inside it, parts joined by this (a
+# division slash: browsers send bare names and Gradio keeps every character but real separators).
+RELATIVE_SEP = "\u2215"
+EMPTY_FOLDER = "sdlora-empty-folder"  # what the page sends for a picked folder the browser found empty
 # A zip is unpacked only if it is modest: this stops a small "zip bomb" from filling the disk.
 MAX_UNPACKED_BYTES = 4 * 1024**3
 MAX_FILES = 20_000
 # Files that operating systems leave in folders and zips; silently left out rather than reported.
 _JUNK = re.compile(r"^(\.|__MACOSX$|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
+
+
+T = TypeVar("T")
 
 
 class UploadError(SdloraError, ValueError):
@@ -46,10 +55,18 @@ class StagedUpload:
 def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> StagedUpload:
     """Copy an upload (image and caption files, or a single .zip) into a new folder under outputs/uploads.
 
+    Files of a dropped folder may carry their path inside it in their name (`RELATIVE_SEP` between the
+    parts, as the app's page sends them), so kohya `N_words` sub-folders are kept with their repeats and
+    prompts, and files of other sub-folders are brought to the top (renamed when a name is taken there).
     Files that are neither images nor captions, and images that can't be decoded, are left out and
     listed in `skipped`; an upload with no usable image raises `UploadError` and leaves nothing behind.
     """
     files = [Path(p) for p in paths or [] if p]
+    if any(p.name == EMPTY_FOLDER for p in files):
+        raise UploadError(
+            "The folder you picked has no files the browser could send: drop a folder of images "
+            "(with optional .txt captions), or a .zip."
+        )
     if not files:
         raise UploadError(
             "Nothing was uploaded: drop a folder of images (with optional .txt captions) or a .zip."
@@ -57,17 +74,24 @@ def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> Staged
     zips = [p for p in files if p.suffix.lower() == ".zip"]
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
-    name = zips[0].stem if zips else suggest_name([p.stem for p in files if _is_image(p.name)])
-    folder = outputs.new_upload_dir(safe_name(name))
+    folder = outputs.new_upload_dir(".staging")  # hidden until complete
     try:
-        skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
+        if zips:
+            skipped = _unpack_zip(zips[0], folder)
+            name = zips[0].stem.split(RELATIVE_SEP)[-1]  # the file the user dropped
+        else:
+            top, skipped = _copy_files(files, folder)
+            name = top or suggest_name([p.stem for p in files if _is_image(p.name)])
         skipped += _drop_unreadable_images(folder)
-        images = len(list_images(folder))
+        images = len(training_images(folder))
         if not images:
             details = f" Left out: {'; '.join(skipped)}." if skipped else ""
             raise UploadError(
                 f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}"
             )
+        named = outputs.new_upload_dir(safe_name(name))  # named after the drop, once its name is known
+        named.rmdir()
+        folder = folder.rename(named)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -82,38 +106,81 @@ def suggest_name(stems: Sequence[str]) -> str:
     return safe_name(prefix.rstrip("0123456789 _-."), default="adapter")
 
 
+def training_images(folder: Path) -> list[Path]:
+    """The images a training run reads: at the top and in kohya `N_words` sub-folders."""
+    found = list_images(folder)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and KOHYA_DIR.match(p.name)):
+        found += list_images(sub)
+    return found
+
+
 def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _target_name(name: str, folder: Path, skipped: list[str]) -> Path | None:
-    """Where an uploaded file goes, or None (with the reason in `skipped`) if it is left out."""
-    if _JUNK.match(name):
-        return None
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_SUFFIX:
-        skipped.append(f"{name}: not an image or a .txt caption")
-        return None
-    target = folder / (safe_name(Path(name).stem, default="image") + suffix)
-    if target.exists():
-        skipped.append(f"{name}: another file has the same name")
-        return None
-    return target
+class _Placer:
+    """Decides where each uploaded file goes inside the training folder, keeping kohya sub-folders and
+    an image with its caption, and renaming a file of another sub-folder whose name is taken."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.skipped: list[str] = []
+        self.owners: dict[tuple[Path, str], tuple[str, ...]] = {}  # (target folder, stem) -> source folder
+
+    def target(self, parts: tuple[str, ...]) -> Path | None:
+        """Where the file at `parts` (its path inside the upload) goes, or None (the reason in `skipped`)."""
+        shown = "/".join(parts)
+        name, where = parts[-1], parts[:-1]
+        if any(_JUNK.match(p) for p in parts):
+            return None
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_SUFFIX:
+            self.skipped.append(f"{shown}: not an image or a .txt caption")
+            return None
+        kohya = bool(where) and KOHYA_DIR.match(where[0]) is not None
+        folder = self.folder / where[0] if kohya else self.folder
+        stem = safe_name(Path(name).stem, default="image")
+        owner = self.owners.setdefault((folder, stem), where)
+        if owner != where:  # another sub-folder has a file of this name: prefix where this one came from
+            stem = safe_name("_".join((*where[1 if kohya else 0 :], Path(name).stem)), default="image")
+            self.owners.setdefault((folder, stem), where)
+        target = folder / (stem + suffix)
+        if target.exists():
+            self.skipped.append(f"{shown}: another file has the same name")
+            return None
+        folder.mkdir(exist_ok=True)
+        return target
 
 
-def _copy_files(files: list[Path], folder: Path) -> list[str]:
-    skipped: list[str] = []
+def _split_top(all_parts: list[tuple[str, ...]]) -> tuple[str | None, list[tuple[str, ...]]]:
+    """The dropped folder's name (when every file lies in one folder) and each file's path inside it."""
+    tops = {parts[0] for parts in all_parts if len(parts) > 1}
+    if len(tops) == 1 and all(len(parts) > 1 for parts in all_parts):
+        return next(iter(tops)), [parts[1:] for parts in all_parts]
+    return None, all_parts
+
+
+def _top_first(pairs: Iterable[tuple[T, tuple[str, ...]]]) -> list[tuple[T, tuple[str, ...]]]:
+    """Files at the top of the upload first, so theirs are the names a sub-folder's file must give way to."""
+    return sorted(pairs, key=lambda pair: len(pair[1]))
+
+
+def _copy_files(files: list[Path], folder: Path) -> tuple[str | None, list[str]]:
     if len(files) > MAX_FILES:
         raise UploadError(f"The upload has {len(files)} files; at most {MAX_FILES} are accepted.")
-    for path in files:
-        target = _target_name(path.name, folder, skipped)
+    top, inside = _split_top([_member_parts(path.name.replace(RELATIVE_SEP, "/")) for path in files])
+    placer = _Placer(folder)
+    for path, parts in _top_first(zip(files, inside, strict=True)):
+        target = placer.target(parts)
         if target is not None:
             shutil.copyfile(path, target)
-    return skipped
+    return top, placer.skipped
 
 
 def _unpack_zip(archive: Path, folder: Path) -> list[str]:
-    """Unpack a zip whose files lie at its top or in one folder (what zipping a folder gives)."""
+    """Unpack a zip: its files at the top or in one folder (what zipping a folder gives), with kohya
+    `N_words` sub-folders kept."""
+    shown = archive.name.split(RELATIVE_SEP)[-1]
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = [m for m in zipped.infolist() if not m.is_dir()]
@@ -121,42 +188,38 @@ def _unpack_zip(archive: Path, folder: Path) -> list[str]:
             members = [m for m in members if not any(_JUNK.match(p) for p in parts[m.filename])]
             if len(members) > MAX_FILES or sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
                 raise UploadError(
-                    f"{archive.name} is too large to unpack (at most {MAX_FILES} files and "
+                    f"{shown} is too large to unpack (at most {MAX_FILES} files and "
                     f"{MAX_UNPACKED_BYTES // 1024**3} GiB)."
                 )
-            tops = {parts[m.filename][0] for m in members if len(parts[m.filename]) > 1}
-            strip = 1 if len(tops) == 1 and all(len(parts[m.filename]) > 1 for m in members) else 0
-            nested = [m.filename for m in members if len(parts[m.filename]) - strip > 1]
-            if nested:
-                raise UploadError(
-                    f"{archive.name} has folders inside (e.g. '{nested[0]}'): put the images and captions "
-                    "directly in the zip, or in a single folder inside it."
-                )
-            skipped: list[str] = []
-            for member in members:
-                target = _target_name(parts[member.filename][-1], folder, skipped)
+            _, inside = _split_top([parts[m.filename] for m in members])
+            placer = _Placer(folder)
+            for member, member_parts in _top_first(zip(members, inside, strict=True)):
+                target = placer.target(member_parts)
                 if target is not None:
                     target.write_bytes(zipped.read(member))
-            return skipped
+            return placer.skipped
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as error:
-        raise UploadError(f"{archive.name} can't be unpacked as a zip file ({error}).") from error
+        raise UploadError(f"{shown} can't be unpacked as a zip file ({error}).") from error
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
-    """A zip member's path parts; absolute paths and '..' (which could write outside the folder) are refused."""
+    """A path's parts inside an upload; absolute paths and '..' (which could write outside the folder) are
+    refused."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
-        raise UploadError(f"The zip contains an unsafe path: {name!r}.")
+        raise UploadError(f"The upload contains an unsafe path: {name}.")
     return path.parts
 
 
 def _drop_unreadable_images(folder: Path) -> list[str]:
     skipped = []
-    for path in list_images(folder):
+    for path in training_images(folder):
         try:
             load_image(path)
         except ImageError as error:
-            skipped.append(f"{path.name}: can't be read as an image ({str(error.__cause__ or error)[:80]})")
+            cause = error.__cause__ or error
+            reason = str(cause).replace(str(path), path.name)
+            skipped.append(f"{path.relative_to(folder).as_posix()}: can't be read as an image ({reason})")
             path.unlink()
     return skipped
 
@@ -165,7 +228,10 @@ def caption_rows(folder: str | Path | None) -> list[list[str]]:
     """[image file name, caption] for each image of a training folder, for an editable table."""
     if not folder or not Path(folder).is_dir():
         return []
-    return [[path.name, read_caption(path) or ""] for path in list_images(Path(folder))]
+    folder = Path(folder)
+    return [
+        [path.relative_to(folder).as_posix(), read_caption(path) or ""] for path in training_images(folder)
+    ]
 
 
 def save_captions(folder: str | Path, rows: Sequence[Sequence[str]]) -> int:
@@ -174,7 +240,7 @@ def save_captions(folder: str | Path, rows: Sequence[Sequence[str]]) -> int:
     Only names of images already in `folder` are accepted, so a crafted row can't write anywhere else.
     """
     folder = Path(folder)
-    images = {path.name: path for path in list_images(folder)}
+    images = {path.relative_to(folder).as_posix(): path for path in training_images(folder)}
     changed = 0
     for row in rows:
         if len(row) < 2 or str(row[0]) not in images:
