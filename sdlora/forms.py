@@ -27,7 +27,17 @@ from sdlora.outputs import Outputs
 # resuming from the Runs tab): not offered as option fields.
 APP_MANAGED = frozenset({"data_dir", "prompt", "base", "name", "out", "class_prompt", "resume", "outputs"})
 # Shown at the top of the form; the rest go in the Advanced section.
-MAIN_OPTIONS = ("steps", "rank", "alpha", "lr", "num_class_images", "sample_every", "seed")
+MAIN_OPTIONS = (
+    "steps",
+    "rank",
+    "alpha",
+    "lr",
+    "batch_size",
+    "seed",
+    "num_class_images",
+    "sample_every",
+    "save_every",
+)
 RANDOM_SEED = -1  # as in AUTOMATIC1111: draw one, and record the one drawn
 _LABELS = {
     "lr": "Learning rate",
@@ -93,13 +103,15 @@ def _kind(hint: Any) -> tuple[str, bool]:
 
 
 def parse_option(option: OptionField, raw: Any) -> Any:
-    """A control's value as the option's type; an empty box is its default when the option may be empty,
-    else a ConfigError naming the field."""
+    """A control's value as the option's type; an empty box (or 0) is its default when the option may be
+    empty, else a ConfigError naming the field."""
     if option.kind == "bool":
         return bool(raw)
     if option.kind == "lines":
         lines = raw.splitlines() if isinstance(raw, str) else list(raw or [])
         return [" ".join(str(line).split()) for line in lines if str(line).strip()]
+    if option.optional and option.kind in ("int", "float") and raw == 0:
+        raw = None  # a browser's number box may send 0 for an empty one: 0 means the default here
     if raw is None or (isinstance(raw, str) and not raw.strip()):
         if option.optional:
             return None

@@ -38,8 +38,8 @@ def test_a_finished_run_is_done_with_its_losses_samples_checkpoints_and_adapter(
     cells, columns = sample_grid(info)
     assert columns == 2 and [caption for _, caption in cells] == [
         "step 2 · a",
-        "step 2 · b",
         "step 4 · a",
+        "step 2 · b",
         "step 4 · b",
     ]
     assert run_row(info)[1:] == ["done", "4/4", "2", result.adapter.name]
@@ -101,3 +101,14 @@ def test_any_checkpoint_becomes_a_kohya_adapter(tiny_base, blob_folder, tmp_path
         assert adapter.metadata()["ss_steps"] == "2"
     with pytest.raises(ConfigError, match="not a checkpoint"):
         checkpoint_adapter(info.folder, tmp_path, Outputs(tmp_path))
+
+
+def test_runs_are_listed_newest_first_whatever_their_names(tmp_path):
+    outputs = Outputs(tmp_path)
+    for name in ("zebra-20260101-000000", "apple-20260102-000000", "apple-20260102-000000-2"):
+        (outputs.runs / name).mkdir(parents=True)
+    assert [info.folder.path.name for info in list_runs(outputs)] == [
+        "apple-20260102-000000-2",
+        "apple-20260102-000000",
+        "zebra-20260101-000000",
+    ]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
-
-import dataclasses
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.forms import FORM_FIELDS, OPTION_FIELDS, TrainForm, make_config, option_fields, parse_option
@@ -96,6 +95,7 @@ def test_a_new_option_appears_by_itself():
 
 def test_empty_optional_fields_mean_the_default_and_lines_become_lists():
     assert parse_option(OPTIONS["alpha"], None) is None and parse_option(OPTIONS["resolution"], "") is None
+    assert parse_option(OPTIONS["text_encoder_lr"], 0.0) is None  # what a browser's empty number box may send
     assert parse_option(OPTIONS["sample_prompt"], "a star\n\n  a  circle ") == ["a star", "a circle"]
     assert parse_option(OPTIONS["steps"], 40.0) == 40 and isinstance(
         parse_option(OPTIONS["steps"], 40.0), int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 from dataclasses import dataclass
 from enum import StrEnum
@@ -183,8 +184,13 @@ def run_info(folder: Path) -> RunInfo:
 
 
 def list_runs(outputs: Outputs) -> list[RunInfo]:
-    """Every run under outputs/runs, newest first."""
-    return [run_info(path) for path in outputs.run_dirs()]
+    """Every run under outputs/runs, newest first (by the time in its folder's name, whatever the adapter)."""
+    return [run_info(path) for path in sorted(outputs.run_dirs(), key=_started, reverse=True)]
+
+
+def _started(path: Path) -> tuple[str, int]:
+    match = re.search(r"-(\d{8}-\d{6})(?:-(\d+))?$", path.name)
+    return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
 
 
 def run_config(run: RunFolder) -> TrainConfig:
@@ -237,16 +243,22 @@ def checkpoint_adapter(run: RunFolder, checkpoint: Path, outputs: Outputs, name:
 
 
 def sample_grid(info: RunInfo) -> tuple[list[tuple[Path, str]], int]:
-    """The run's samples as a grid, one row per sampled step and one column per sample prompt (the
-    same prompts and seed each time, so a row compares with the next); returns (cells, columns)."""
+    """The run's samples as a grid to compare checkpoints: one column per sampled step and one row per
+    sample prompt (the same prompts and seed each time, so a row shows what training changed); returns
+    (cells row by row, columns)."""
     prompts = list(info.settings.get("sample_prompt") or [])
-    columns = max([len(paths) for paths in info.samples.values()] + [1])
+    steps = list(info.samples)
+    rows = max([len(paths) for paths in info.samples.values()] + [0])
     cells = [
-        (path, f"step {step} · {prompts[index] if index < len(prompts) else f'prompt {index + 1}'}")
-        for step, paths in info.samples.items()
-        for index, path in enumerate(paths)
+        (
+            info.samples[step][row],
+            f"step {step} · {prompts[row] if row < len(prompts) else f'prompt {row + 1}'}",
+        )
+        for row in range(rows)
+        for step in steps
+        if row < len(info.samples[step])
     ]
-    return cells, columns
+    return cells, max(len(steps), 1)
 
 
 def run_summary(info: RunInfo) -> str:
