@@ -41,6 +41,7 @@ MAIN_OPTIONS = (
 RANDOM_SEED = -1  # as in AUTOMATIC1111: draw one, and record the one drawn
 _LABELS = {
     "lr": "Learning rate",
+    "lr_scheduler": "Learning-rate schedule",
     "text_encoder_lr": "Text-encoder learning rate",
     "snr_gamma": "Min-SNR gamma",
     "num_class_images": "Class images",
