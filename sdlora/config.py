@@ -191,6 +191,7 @@ class TrainConfig:
         )
         _check(self.snr_gamma is None or self.snr_gamma > 0, "--snr-gamma must be positive.")
         _check(self.noise_offset >= 0, "--noise-offset must not be negative.")
+        _check(self.seed >= 0, "--seed must not be negative.")
         if self.prior_weight is not None:
             _check(self.prior_weight >= 0, "--prior-weight must not be negative.")
             _check(self.class_prompt is not None, "--prior-weight needs --class-prompt.")

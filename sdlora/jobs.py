@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,9 +22,17 @@ from sdlora.config import ConfigError, TrainConfig
 from sdlora.data.uploads import clean_uploads
 from sdlora.outputs import Outputs
 from sdlora.train import TrainResult, train
-from sdlora.train.events import EVENT_TYPES, DoneEvent, Event, SampleEvent, StartEvent, StepEvent
+from sdlora.train.events import (
+    EVENT_TYPES,
+    DoneEvent,
+    Event,
+    PhaseEvent,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+)
 from sdlora.train.launch import train_distributed
-from sdlora.train.runs import RunFolder
+from sdlora.train.runs import RunFolder, RunState, run_config, run_info
 
 E = TypeVar("E", bound=Event)
 
@@ -55,8 +63,11 @@ class Job:
 
     @property
     def run_dir(self) -> Path | None:
-        start = self.last(StartEvent)
-        return Path(start.run) if start else None
+        """The job's run folder: the one it resumes, else the one its first event names (None before)."""
+        if self.config.resume and self.config.resume != "latest":
+            return Path(self.config.resume)
+        named = next((e for e in self.events if isinstance(e, (PhaseEvent, StartEvent)) and e.run), None)
+        return Path(named.run) if named else None
 
     @overload
     def last(self, kind: type[E]) -> E | None: ...
@@ -111,7 +122,40 @@ class JobQueue:
             or RunFolder(job.run_dir).latest_checkpoint() is None
         ):
             raise ConfigError("Only a cancelled or failed job with a checkpoint can be resumed.")
+        if self.job_for_run(job.run_dir) is not None:
+            raise ConfigError(f"{job.config.name} is already being resumed.")
         return self.submit(dataclasses.replace(job.config, resume=str(job.run_dir)), job.processes)
+
+    def job_for_run(self, run: Path) -> Job | None:
+        """The queued or running job of a run folder, if this queue has one."""
+        run = Path(run).resolve()
+        return next(
+            (j for j in self.jobs() if not j.finished and j.run_dir and j.run_dir.resolve() == run), None
+        )
+
+    def resume_run(self, run: Path) -> Job:
+        """Queue a job that continues a run folder from its newest checkpoint: any cancelled, failed or
+        interrupted run on disk, also one from before a restart."""
+        info = run_info(Path(run))
+        if self.job_for_run(run) is not None or info.state is RunState.RUNNING:
+            raise ConfigError(f"{info.name} is already running or queued.")
+        if not info.resumable:
+            raise ConfigError(
+                f"{info.name} is {info.state} and has no checkpoint to resume from."
+                if not info.checkpoints
+                else f"{info.name} is {info.state}: only cancelled, failed or interrupted runs resume."
+            )
+        return self.submit(run_config(info.folder))
+
+    def cancel_run(self, run: Path) -> None:
+        """Stop a run: its job here, or (a run of another process) through the run's CANCEL file."""
+        job = self.job_for_run(run)
+        if job is not None:
+            self.cancel(job.id)
+        elif run_info(Path(run)).state is RunState.RUNNING:
+            RunFolder(Path(run)).cancel_file.touch()
+        else:
+            raise ConfigError(f"{Path(run).name} is not running.")
 
     def get(self, job_id: int) -> Job:
         return self._jobs[job_id]
@@ -181,6 +225,42 @@ class JobView:
     losses: list[tuple[int, float]]
     samples: list[tuple[str, str]]
     active: bool
+    settings: str = ""  # the job's settings, one 'option = value' per line
+
+    @property
+    def smoothed_losses(self) -> list[tuple[int, float]]:
+        """The loss curve a person can read: per-step losses are mostly noise."""
+        return list(zip([s for s, _ in self.losses], smooth([v for _, v in self.losses]), strict=True))
+
+
+def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
+    """An exponential moving average with TensorBoard's debiasing, so the first points aren't pulled to 0."""
+    smoothed, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**count))
+    return smoothed
+
+
+def eta_seconds(steps: Sequence[StepEvent]) -> float | None:
+    """Time left from a smoothed step time: the first steps (warm-up, caches) don't skew it as an
+    average over the whole run does; None until two steps have been timed."""
+    if len(steps) < 2:
+        return None
+    durations = [b.elapsed_s - a.elapsed_s for a, b in zip(steps, steps[1:], strict=False) if b.step > a.step]
+    if not durations:
+        return None
+    return smooth(durations)[-1] * (steps[-1].total - steps[-1].step)
+
+
+def settings_text(config: TrainConfig) -> str:
+    """A job's settings as 'option = value' lines, the run's config a user can compare with the form."""
+    skip = {"outputs"}
+    return "\n".join(
+        f"{key} = {value}"
+        for key, value in dataclasses.asdict(config).items()
+        if key not in skip and value not in (None, [], "")
+    )
 
 
 def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
@@ -195,7 +275,8 @@ def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
         status += "  \nQueued after it: " + ", ".join(f"job {j.id} ({j.config.name})" for j in waiting)
     losses = [(e.step, e.loss) for e in job.events if isinstance(e, StepEvent)]
     samples = [(path, f"step {e.step}") for e in job.events if isinstance(e, SampleEvent) for path in e.paths]
-    return JobView(status, done, total, losses, samples[::-1], not job.finished or bool(waiting))
+    active = not job.finished or bool(waiting)
+    return JobView(status, done, total, losses, samples[::-1], active, settings_text(job.config))
 
 
 def _status_line(job: Job, step: StepEvent | None) -> str:
@@ -207,14 +288,35 @@ def _status_line(job: Job, step: StepEvent | None) -> str:
         return f"cancelled after {step.step if step else 0} steps."
     if job.status is JobStatus.DONE:
         adapter = job.result.adapter if job.result else "?"
-        return f"done in {_duration(job.last(DoneEvent).elapsed_s)}: saved `{adapter}`; it is in the Generate tab."
+        done = job.last(DoneEvent)
+        took = done.time - job.submitted if done else 0.0
+        return f"done in {_duration(took)}: saved `{adapter}`; it is in the Generate tab."
+    elapsed = f"{_duration(time.time() - job.submitted)} elapsed"
+    latest = next((e for e in reversed(job.events) if isinstance(e, (PhaseEvent, StepEvent))), None)
+    if isinstance(latest, PhaseEvent) and (latest.phase != "samples" or latest.done < latest.total):
+        return f"{_phase_line(latest)} · {elapsed}"
     if step is None:
-        preparing = "making class images for prior preservation, " if job.config.prior_preservation else ""
-        return f"starting: loading the base model, {preparing}caching the images…"
-    return (
-        f"step {step.step}/{step.total} · loss {step.loss:.4f} · "
-        f"{_duration(step.elapsed_s)} elapsed · about {_duration(step.eta_s)} left"
-    )
+        return f"{_phase_line(None)} · {elapsed}"
+    eta = eta_seconds([e for e in job.events if isinstance(e, StepEvent)])
+    left = f" · about {_duration(eta)} left" if eta is not None else ""
+    return f"step {step.step}/{step.total} · loss {step.loss:.4f} · {elapsed}{left}"
+
+
+def _phase_line(phase: PhaseEvent | None) -> str:
+    counted = f" {phase.done}/{phase.total}" if phase and phase.total else ""
+    match phase.phase if phase else "loading":
+        case "loading":
+            return "loading the base model…"
+        case "class_images":
+            return f"making class images for prior preservation{counted}…"
+        case "caching":
+            return "caching the images…"
+        case "samples":
+            return f"drawing samples{counted}…"
+        case "saving":
+            return "saving…"
+        case other:
+            return f"{other}{counted}…"
 
 
 def _duration(seconds: float) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import socket
 import struct
 import sys
@@ -308,7 +307,17 @@ def test_one_hundred_thousand_class_images_are_refused(client, tmp_path):
     session = "bounds-session"
     path = upload(client, "star_01.png", png(tmp_path))
     assert "1 image(s) ready" in call(client, "staged", [[file_data(path)]], session)[1]
-    form = ["star", "a sks star", "a star", True, 100_000, 4, 4, 10, 1e-3, 0, False, 0, 0]
+    from sdlora.forms import MAIN_OPTIONS, OPTION_FIELDS
+    from ui.options import option_value
+
+    # The page's option controls: the main ones first, then every other in the config's order.
+    order = [*MAIN_OPTIONS, *(o.name for o in OPTION_FIELDS if o.name not in MAIN_OPTIONS)]
+    fields = {o.name: o for o in OPTION_FIELDS}
+    options = [
+        100_000 if name == "num_class_images" else option_value(fields[name], fields[name].default)
+        for name in order
+    ]
+    form = ["star", "a sks star", "a star", True, *options]  # the folder is the session's State
     message = call(
         client, "started", ["demo", {"headers": ["image", "caption"], "data": []}, 1, *form], session
     )[0]
@@ -318,42 +327,54 @@ def test_one_hundred_thousand_class_images_are_refused(client, tmp_path):
 # 6. Uploads that can't exhaust memory or files; already-true refusals kept true.
 
 
-def _stage_zip(client: httpx.Client, data: bytes, name: str = "set.zip") -> tuple[str | None, str]:
-    """The training folder made from an uploaded zip (None if refused) and the page's message."""
+def _stage_zip(
+    client: httpx.Client, server: Server, data: bytes, name: str = "set.zip"
+) -> tuple[str | None, str]:
+    """The training folder made from an uploaded zip (None if refused) and the page's message (which
+    names no server path: the folder is the one that appeared under outputs/uploads)."""
+    uploads = server.outputs / "uploads"
+    before = set(uploads.iterdir()) if uploads.is_dir() else set()
     message = call(client, "staged_1", [file_data(upload(client, name, data))])[1]  # [0]: the State
-    ready = re.search(r"image\(s\) ready in `([^`]+)`", message)
-    return (ready.group(1) if ready else None), message
+    assert str(server.outputs) not in message, message
+    made = sorted(set(uploads.iterdir()) - before) if uploads.is_dir() else []
+    if "image(s) ready" not in message:
+        assert not made, made
+        return None, message
+    assert len(made) == 1, made
+    return str(made[0]), message
 
 
-def test_a_zip_with_a_huge_caption_leaves_it_out_without_reading_it(client, tmp_path):
-    folder, message = _stage_zip(client, zip_bytes({"a.png": png(tmp_path), "a.txt": b"tag, " * 2_000_000}))
+def test_a_zip_with_a_huge_caption_leaves_it_out_without_reading_it(client, tmp_path, server):
+    folder, message = _stage_zip(
+        client, server, zip_bytes({"a.png": png(tmp_path), "a.txt": b"tag, " * 2_000_000})
+    )
     assert folder and "a.txt: 9.5 MiB is too large for a caption" in message, message
     assert len(message) < 2_000
 
 
-def test_a_zip_that_claims_gigabytes_is_refused_from_its_directory(client, tmp_path):
+def test_a_zip_that_claims_gigabytes_is_refused_from_its_directory(client, tmp_path, server):
     data = bytearray(zip_bytes({"a.png": png(tmp_path)}))
     entry = data.rfind(b"PK\x01\x02")
     data[entry + 24 : entry + 28] = struct.pack("<I", 0xFFFFFFF0)  # uncompressed size: ~4 GiB
-    folder, message = _stage_zip(client, bytes(data))
+    folder, message = _stage_zip(client, server, bytes(data))
     assert folder is None and "too large to unpack" in message
 
 
-def test_a_zip_listing_too_many_entries_is_refused_before_its_directory_is_read(client, tmp_path):
+def test_a_zip_listing_too_many_entries_is_refused_before_its_directory_is_read(client, tmp_path, server):
     data = bytearray(zip_bytes({"a.png": png(tmp_path)}))
     end = data.rfind(b"PK\x05\x06")
     data[end + 8 : end + 12] = struct.pack("<HH", 65_000, 65_000)
-    folder, message = _stage_zip(client, bytes(data))
+    folder, message = _stage_zip(client, server, bytes(data))
     assert folder is None and f"at most {MAX_ZIP_ENTRIES:,}" in message
 
 
 def test_zip_traversal_is_refused(client, tmp_path, server):
-    folder, message = _stage_zip(client, zip_bytes({"../../evil.png": png(tmp_path)}))
+    folder, message = _stage_zip(client, server, zip_bytes({"../../evil.png": png(tmp_path)}))
     assert folder is None and "unsafe path" in message
     assert not list(server.outputs.rglob("evil.png"))
 
 
-def test_long_names_duplicates_and_zero_repeat_folders(client, tmp_path):
+def test_long_names_duplicates_and_zero_repeat_folders(client, tmp_path, server):
     long_name = "星" * 120 + ".png"
     members = {
         f"set/{long_name}": png(tmp_path),
@@ -361,19 +382,21 @@ def test_long_names_duplicates_and_zero_repeat_folders(client, tmp_path):
         "set/other.png": png(tmp_path, "other.png", (200, 0, 0)),
         "set/0_reg/r.png": png(tmp_path, "r.png", (0, 200, 0)),
     }
-    folder, message = _stage_zip(client, zip_bytes(members))
+    folder, message = _stage_zip(client, server, zip_bytes(members))
     assert folder is not None and "2 image(s) ready" in message
     assert "the same picture as" in message and "0_reg/: a kohya folder with 0 repeats" in message
     assert all(len(p.name.encode()) <= 120 for p in Path(folder).iterdir())
     assert max(len(part) for part in message.split()) <= MAX_SHOWN_NAME + 40
 
 
-def test_an_image_too_long_and_thin_is_refused_before_decoding(client, tmp_path):
+def test_an_image_too_long_and_thin_is_refused_before_decoding(client, tmp_path, server):
     from PIL import Image
 
     strip = io.BytesIO()
     Image.new("L", (1, 200_000), 255).save(strip, format="PNG")
-    folder, message = _stage_zip(client, zip_bytes({"a.png": png(tmp_path), "strip.png": strip.getvalue()}))
+    folder, message = _stage_zip(
+        client, server, zip_bytes({"a.png": png(tmp_path), "strip.png": strip.getvalue()})
+    )
     assert folder is not None and "strip.png: 1x200000 is too long and thin to train on" in message
 
 
@@ -383,9 +406,11 @@ def test_file_routes_outside_outputs_are_refused(client):
         assert answer.status_code in (403, 404) and "root:" not in answer.text, path
 
 
-def test_html_in_file_names_is_stored_and_echoed_as_plain_text(client, tmp_path):
+def test_html_in_file_names_is_stored_and_echoed_as_plain_text(client, tmp_path, server):
     name = '<img src=x onerror="alert(1)">.png'
-    folder, message = _stage_zip(client, zip_bytes({name: png(tmp_path), "page.html": b"<script>1</script>"}))
+    folder, message = _stage_zip(
+        client, server, zip_bytes({name: png(tmp_path), "page.html": b"<script>1</script>"})
+    )
     assert folder is not None and all("<" not in p.name for p in Path(folder).iterdir())
     assert "page.html: not an image" in message and not list(Path(folder).glob("*.html"))
 

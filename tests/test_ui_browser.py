@@ -22,7 +22,7 @@ import torch
 
 from sdlora.config import TrainConfig
 from sdlora.demo import demo_model_available
-from sdlora.jobs import JobQueue
+from sdlora.jobs import JobQueue, JobStatus
 from sdlora.train import train
 from tests.conftest import draw_blob
 
@@ -54,7 +54,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "training_data"
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 TRAIN_TIMEOUT_MS = 150_000
-TRAIN_STEPS = 200
+TRAIN_STEPS = (
+    40  # the Subject preset, shortened: the browser test checks the journey, test_learning the learning
+)
 STYLE_STEPS = 60  # enough for the two style adapters to show in the comparison
 
 
@@ -64,6 +66,7 @@ class Server:
     outputs: Path
     base: str | None
     ready_s: float
+    queue: JobQueue
 
 
 def free_port() -> int:
@@ -100,7 +103,7 @@ def server(tiny_base, tmp_path_factory) -> Iterator[Server]:
     started = time.perf_counter()
     port, queue = free_port(), JobQueue()
     app = launch(port=port, outputs_dir=outputs, base=base, queue=queue, block=False)
-    yield Server(f"http://127.0.0.1:{port}/", outputs, base, time.perf_counter() - started)
+    yield Server(f"http://127.0.0.1:{port}/", outputs, base, time.perf_counter() - started, queue)
     app.close()
     for job in queue.jobs():  # a failed test may leave a job training
         if not job.finished:
@@ -175,15 +178,18 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     page.keyboard.press("Enter")
     expect(page.locator("#thumbnails")).to_contain_text("pale yellow")  # the edit reached the folder
     page.locator("#instance-prompt textarea").fill("a purple sks shape")
-    expect(page.locator("#prior input")).to_be_checked()
+    expect(page.locator("#prior input")).to_be_checked()  # the Subject preset
     page.locator("#class-prompt textarea").fill("a purple shape")
+    page.get_by_text("Advanced: every training option").click()
+    for elem_id, value in (("batch-size", 4), ("snr-gamma", 5), ("save-every", 40)):  # the preset's values
+        expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(str(value))
     for elem_id, value in (
         ("steps", TRAIN_STEPS),
-        ("class-images", 2),
+        ("num-class-images", 2),
         ("sample-every", TRAIN_STEPS // 2),
-        ("lr", 0.001),
     ):
         set_number(page, elem_id, value)
+    set_number(page, "save-every", TRAIN_STEPS // 2)
     page.locator("#start").click()
     expect(page.locator("#start-message")).to_contain_text("submitted")
 
@@ -204,6 +210,10 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     assert captions == ["a purple sks shape on a pale yellow background"]
     expect(page.locator("#samples img")).to_have_count(2)
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
+    page.get_by_text("This job's settings").click()
+    expect(page.locator("#job-settings")).to_contain_text("snr_gamma = 5.0")
+    (run,) = (server.outputs / "runs").glob("sks_star-*")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000020", "step-000040"]
     upload_folder(page, DATA / "sks_star")  # the form as it was, for the screenshot
     expect(page.locator("#thumbnails img")).to_have_count(8)
     page.locator("#instance-prompt textarea").fill("a purple sks shape")
@@ -215,30 +225,98 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     expect(page.locator("#adapter-0").get_by_role("option", name="sks_star", exact=True)).to_be_visible()
 
 
-def test_jobs_wait_in_the_queue_and_cancel_stops_them(page, server):
+def start_long_job(page, name: str) -> int:
+    """Upload sks_star, start an endless job without prior preservation; returns its job id."""
     upload_folder(page, DATA / "sks_star")
     expect(page.locator("#upload-message")).to_contain_text("ready")
+    page.locator("#adapter-name textarea").fill(name)
     page.locator("#prior input").uncheck()
     for elem_id, value in (("steps", 100_000), ("sample-every", 0)):
         set_number(page, elem_id, value)
-    message, status = page.locator("#start-message"), page.locator("#job-status")
     page.locator("#start").click()
-    expect(message).to_contain_text("submitted: training sks_star_2")
-    page.locator("#start").click()
-    expect(message).to_contain_text("submitted: training sks_star_3")  # a name no other job will write
-    expect(status).to_contain_text(re.compile(r"Queued after it: job \d+ \(sks_star_3\)"))
-    expect(page.locator("#job-progress")).to_contain_text(
+    message = page.locator("#start-message")
+    expect(message).to_contain_text(f"submitted: training {name}")
+    return int(re.search(r"Job (\d+)", message.inner_text()).group(1))
+
+
+def cancel_own_job(page) -> None:
+    page.locator("#cancel").click()
+    expect(page.locator("#confirm-cancel")).to_be_visible()
+    page.locator("#confirm-cancel").click()
+
+
+def test_two_pages_each_cancel_only_their_own_job(browser, server):
+    first, second = (browser.new_page(viewport={"width": 1400, "height": 1000}) for _ in range(2))
+    for page in (first, second):
+        open_app(page, server)
+    first_id = start_long_job(first, "first_job")
+    second_id = start_long_job(second, "second_job")
+    queue = server.queue
+    expect(second.locator("#job-status")).to_contain_text(f"Job {second_id} · second_job · queued")
+    expect(first.locator("#job-progress")).to_contain_text(
         re.compile(r"[1-9]\d*/100000 steps"), timeout=TRAIN_TIMEOUT_MS
     )
-    page.locator("#cancel").click()
-    expect(status).to_contain_text(
-        re.compile(r"Job \d+ · sks_star_3 ·"), timeout=TRAIN_TIMEOUT_MS
-    )  # the next
-    page.locator("#cancel").click()
-    expect(status).to_contain_text(
-        re.compile(r"sks_star_3 · cancelled after \d+ steps"), timeout=TRAIN_TIMEOUT_MS
+
+    first.locator("#cancel").click()  # asks first; nothing is cancelled before the confirmation
+    expect(first.locator("#confirm-cancel")).to_be_visible()
+    assert not queue.get(first_id).finished
+    first.locator("#keep-training").click()
+
+    cancel_own_job(second)  # the second page's (queued) job, not the first page's running one
+    expect(second.locator("#job-status")).to_contain_text("second_job · cancelled")
+    assert (
+        queue.get(second_id).status is JobStatus.CANCELLED and queue.get(first_id).status is JobStatus.RUNNING
     )
-    assert not list((server.outputs / "adapters").glob("sks_star_[23].safetensors"))
+    cancel_own_job(first)
+    expect(first.locator("#job-status")).to_contain_text(
+        re.compile(r"first_job · cancelled after \d+ steps"), timeout=TRAIN_TIMEOUT_MS
+    )
+    assert not list((server.outputs / "adapters").glob("*_job.safetensors"))
+    for page in (first, second):
+        page.close()
+
+
+def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(browser, server, tmp_path):
+    from ui.app import launch
+
+    port, queue = free_port(), JobQueue()  # a restarted server: a new queue that knows no jobs
+    app = launch(port=port, outputs_dir=server.outputs, base=server.base, queue=queue, block=False)
+    restarted = Server(f"http://127.0.0.1:{port}/", server.outputs, server.base, 0.0, queue)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        open_app(page, restarted)
+        tab(page, "Runs")
+        runs = page.locator("#runs")
+        expect(runs).to_contain_text("first_job")
+        expect(runs).to_contain_text("cancelled")
+        (run,) = (server.outputs / "runs").glob("first_job-*")
+        pick(page, "run-pick", f"{run.name} · cancelled")
+        expect(page.locator("#run-summary")).to_contain_text("first_job: cancelled")
+        page.locator("#run-resume").click()
+        expect(page.locator("#run-message")).to_contain_text("resuming first_job")
+        (job,) = queue.jobs()
+        deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
+        while job.last("step") is None:  # it continues from its checkpoint, in the same run folder
+            assert time.monotonic() < deadline and not job.finished, job.error
+            time.sleep(0.2)
+        assert job.run_dir == run and job.last("start")["start_step"] > 0
+        page.locator("#run-cancel").click()
+        page.locator("#run-confirm-cancel").click()
+        expect(page.locator("#run-message")).to_contain_text("Cancelling")
+        queue.wait(job.id, timeout=120)
+        page.locator("#runs-refresh").click()
+        pick(page, "run-pick", f"{run.name} · cancelled")
+        page.locator("#run-to-adapter").click()
+        expect(page.locator("#run-message")).to_contain_text(
+            re.compile(r"Saved first_job_step\d+\.safetensors")
+        )
+        (sks,) = (server.outputs / "runs").glob("sks_star-*")
+        pick(page, "run-pick", f"{sks.name} · done")
+        expect(page.locator("#run-samples img")).to_have_count(2)  # steps 20 and 40 of one sample prompt
+        shot(page, "runs")
+    finally:
+        page.close()
+        app.close()
 
 
 def test_stack_two_adapters_and_compare_side_by_side(page, server):
@@ -318,11 +396,17 @@ def test_bad_input_shows_a_message_and_the_app_keeps_working(page, server, tmp_p
     expect(page.locator("#upload-message")).to_contain_text("notes.pdf: not an image")
     expect(page.locator("#upload-message")).to_contain_text("1 image(s) ready")
 
-    nested = tmp_path / "nested.zip"
-    with zipfile.ZipFile(nested, "w") as archive:
-        archive.write(mixed / "one.png", "set/deeper/one.png")
-    page.locator("#upload-zip input[type=file]").set_input_files(nested)
-    expect(page.locator("#upload-message")).to_contain_text("has folders inside")
+    kohya = tmp_path / "kohya.zip"  # kohya's N_words sub-folders keep their repeats and prompts
+    other = draw_blob(tmp_path / "other.png", (32, 32), (0, 200, 0))  # an exact copy would be left out
+    with zipfile.ZipFile(kohya, "w") as archive:
+        archive.write(other, "set/5_red blob/one.png")
+        archive.write(mixed / "one.png", "set/one.png")
+        archive.writestr("set/__init__.py", "")
+    page.locator("#upload-zip input[type=file]").set_input_files(kohya)
+    expect(page.locator("#upload-message")).to_contain_text("__init__.py: not an image")  # as text
+    expect(page.locator("#upload-message")).to_contain_text("2 image(s) ready")
+    expect(page.locator("#captions")).to_contain_text("5_red blob/one.png")
+    expect(page.locator("#adapter-name textarea")).to_have_value("kohya")
 
     tab(page, "Adapters")
     page.locator("#import input[type=file]").set_input_files(mixed / "notes.pdf")

@@ -22,7 +22,9 @@ def test_only_switched_on_rows_with_an_adapter_are_used():
 def test_the_progress_bar_and_loss_curve_come_from_the_job_view():
     view = JobView("running", 2, 4, [(1, 1.0), (2, 0.5)], [], True)
     assert 'value="2"' in progress_bar(view) and "2/4 steps (50%)" in progress_bar(view)
-    assert loss_frame(view)["loss"].tolist() == [1.0, 0.5]
+    frame = loss_frame(view)
+    assert frame[frame.curve == "raw"]["loss"].tolist() == [1.0, 0.5]
+    assert len(frame[frame.curve == "smoothed"]) == 2
 
 
 def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from sdlora.data.uploads import (
+    EMPTY_FOLDER,
+    RELATIVE_SEP,
     UNUSED_UPLOAD_AGE_S,
     UploadError,
     UploadLedger,
@@ -33,8 +35,8 @@ def make_zip(path: Path, members: dict[str, bytes]) -> Path:
     return path
 
 
-def png_bytes(tmp_path: Path) -> bytes:
-    return draw_blob(tmp_path / "blob.png", (16, 16), (0, 0, 200)).read_bytes()
+def png_bytes(tmp_path: Path, colour: tuple[int, int, int] = (0, 0, 200)) -> bytes:
+    return draw_blob(tmp_path / "blob.png", (16, 16), colour).read_bytes()
 
 
 def test_upload_errors_are_sdlora_errors():
@@ -85,13 +87,11 @@ def test_a_zip_is_unpacked_flat_or_from_its_one_folder(prefix, tmp_path):
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({"set/sub/a.png": b"x", "set/b.png": b"x"}, "folders inside"),
-        ({"a/x.png": b"x", "b/y.png": b"x"}, "folders inside"),
         ({"../evil.png": b"x"}, "unsafe path"),
         ({"/etc/evil.png": b"x"}, "unsafe path"),
     ],
 )
-def test_zips_with_nested_folders_or_unsafe_paths_are_refused(members, message, tmp_path):
+def test_zips_with_unsafe_paths_are_refused(members, message, tmp_path):
     with pytest.raises(UploadError, match=message):
         stage_upload([make_zip(tmp_path / "bad.zip", members)], Outputs(tmp_path))
     assert not (tmp_path / "evil.png").exists() and list((tmp_path / "uploads").iterdir()) == []
@@ -205,3 +205,90 @@ def test_a_caption_longer_than_the_limit_is_left_out_of_an_upload(tmp_path):
     caption.write_text("tag, " * 10_000)
     staged = stage_upload([image, caption], Outputs(tmp_path / "out"))
     assert staged.skipped == ["a.txt: 0.0 MiB is too large for a caption (at most 16 KiB)"]
+
+
+def dropped(tmp_path: Path, files: dict[str, bytes]) -> list[Path]:
+    """Files as the page sends a dropped folder: each under its path inside it, parts joined by RELATIVE_SEP."""
+    paths = []
+    for index, (relative, data) in enumerate(files.items()):
+        path = tmp_path / "cache" / str(index) / relative.replace("/", RELATIVE_SEP)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        paths.append(path)
+    return paths
+
+
+def kohya_files(tmp_path: Path) -> dict[str, bytes]:
+    def png(index: int) -> bytes:  # a different picture each: exact duplicates are left out
+        return png_bytes(tmp_path, (0, 40 * index, 200))
+
+    return {
+        "my stars/10_sks star/a.png": png(0),
+        "my stars/10_sks star/a.txt": b"a sks star, outlined",
+        "my stars/10_sks star/b.png": png(1),
+        "my stars/1_star/a.png": png(2),
+        "my stars/extra/a.png": png(3),
+        "my stars/extra/a.txt": b"an extra star",
+        "my stars/c.png": png(4),
+        "my stars/a.png": png(5),
+    }
+
+
+def test_a_dropped_kohya_folder_keeps_its_repeats_prompts_and_same_named_files(tmp_path):
+    from sdlora.data import scan_folder
+
+    staged = stage_upload(dropped(tmp_path, kohya_files(tmp_path)), Outputs(tmp_path))
+    assert (staged.name, staged.images, staged.skipped) == ("my_stars", 6, [])
+    items = {
+        item.path.relative_to(staged.folder).as_posix(): item for item in scan_folder(staged.folder, "p")
+    }
+    assert {name: (item.caption, item.repeats) for name, item in items.items()} == {
+        "a.png": ("p", 1),
+        "c.png": ("p", 1),
+        "extra_a.png": ("an extra star", 1),  # another sub-folder's a.png, renamed with its caption
+        "10_sks star/a.png": ("a sks star, outlined", 10),
+        "10_sks star/b.png": ("sks star", 10),
+        "1_star/a.png": ("star", 1),
+    }
+    assert ["10_sks star/a.png", "a sks star, outlined"] in caption_rows(staged.folder)
+
+
+def test_a_kohya_zip_keeps_its_sub_folders(tmp_path):
+    members = {name.removeprefix("my stars/"): data for name, data in kohya_files(tmp_path).items()}
+    staged = stage_upload([make_zip(tmp_path / "stars.zip", members)], Outputs(tmp_path))
+    assert (staged.name, staged.images) == ("stars", 6)
+    assert (staged.folder / "10_sks star" / "b.png").is_file() and (
+        staged.folder / "1_star" / "a.png"
+    ).is_file()
+
+
+def test_an_empty_dropped_folder_gets_a_message(tmp_path):
+    marker = tmp_path / EMPTY_FOLDER
+    marker.write_bytes(b"")
+    with pytest.raises(UploadError, match="has no files"):
+        stage_upload([marker], Outputs(tmp_path))
+
+
+def test_messages_name_files_by_their_path_in_the_upload_not_the_server_s(tmp_path):
+    files = {
+        "set/sub/notes.pdf": b"%PDF",
+        "set/sub/broken.png": b"not a png",
+        "set/ok.png": png_bytes(tmp_path),
+    }
+    staged = stage_upload(dropped(tmp_path, files), Outputs(tmp_path))
+    assert staged.skipped[0] == "sub/notes.pdf: not an image or a .txt caption"
+    assert staged.skipped[1].startswith("broken.png: can't be read as an image")
+    assert str(tmp_path) not in " ".join(staged.skipped)
+
+
+def test_a_dropped_kohya_folder_leaves_out_zero_repeat_folders_and_duplicates(tmp_path):
+    files = kohya_files(tmp_path)
+    files["my stars/0_unused/z.png"] = files["my stars/c.png"]
+    files["my stars/0_unused/y.png"] = files["my stars/a.png"]
+    files["my stars/10_sks star/copy.png"] = files["my stars/c.png"]
+    staged = stage_upload(dropped(tmp_path, files), Outputs(tmp_path))
+    assert staged.images == 6 and not (staged.folder / "0_unused").exists()
+    assert staged.skipped == [
+        "0_unused/: a kohya folder with 0 repeats is never trained on",
+        "10_sks star/copy.png: the same picture as c.png",
+    ]

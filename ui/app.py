@@ -1,4 +1,4 @@
-"""The sdlora web app: Train, Generate and Adapters tabs over the sdlora library.
+"""The sdlora web app: Train, Runs, Generate and Adapters tabs over the sdlora library.
 
 The page only lays out controls and passes their values on; training, models, files, presets and the
 adapter library are the library's. Run it with ``python -m ui``.
@@ -15,7 +15,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from sdlora.access import Credentials, HostPolicy, LoginThrottle, exposure_warning
-from sdlora.data.uploads import UploadLedger, clean_uploads
+from sdlora.data.uploads import EMPTY_FOLDER, RELATIVE_SEP, UploadLedger, clean_uploads
 from sdlora.demo import DEMO_KEYWORD, DEMO_MODEL_DIR, base_spec, demo_model_available, is_demo
 from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
@@ -24,6 +24,7 @@ from ui.adapters_tab import build_adapters_tab
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.generate_tab import build_generate_tab
 from ui.guard import ServerGuard
+from ui.runs_tab import build_runs_tab
 from ui.train_tab import build_train_tab
 
 DEFAULT_HOST = "127.0.0.1"
@@ -38,6 +39,25 @@ CSS = """
 .sdlora-progress { display: flex; gap: 1em; align-items: center; }
 .sdlora-progress progress { flex: 1; height: 1.2em; }
 """
+
+
+# Browsers send a picked folder's files under their bare names, so sub-folders (kohya's `N_words`) and
+# same-named files in different sub-folders would be lost: rename each file to its path inside the folder
+# (parts joined by RELATIVE_SEP) before Gradio uploads it, and send a marker for a folder with no files.
+HEAD = f"""<script>
+document.addEventListener("change", (event) => {{
+  const input = event.target;
+  if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.webkitdirectory) return;
+  const transfer = new DataTransfer();
+  const files = Array.from(input.files || []);
+  if (!files.length) transfer.items.add(new File([], "{EMPTY_FOLDER}"));
+  for (const file of files) {{
+    const name = (file.webkitRelativePath || file.name).split("/").join("{RELATIVE_SEP}");
+    transfer.items.add(new File([file], name, {{ type: file.type, lastModified: file.lastModified }}));
+  }}
+  input.files = transfer.files;
+}}, true);
+</script>"""
 
 
 def build_app(
@@ -67,6 +87,8 @@ def build_app(
         with gr.Tabs():
             with gr.Tab("Train", id="train"):
                 build_train_tab(app, ctx, base_box, base)
+            with gr.Tab("Runs", id="runs") as runs_tab:
+                build_runs_tab(ctx, runs_tab)
             with gr.Tab("Generate", id="generate") as generate_tab:
                 build_generate_tab(ctx, base_box, generate_tab)
             with gr.Tab("Adapters", id="adapters") as adapters_tab:
@@ -147,6 +169,7 @@ def launch(
         show_error=True,
         ssr_mode=False,
         css=CSS,
+        head=HEAD,
         quiet=not block,
         max_file_size=MAX_UPLOAD,
         app_kwargs={"middleware": [guard]},

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # A caption is text for a 77-token text encoder: kilobytes, never megabytes. Longer files are cut.
 MAX_CAPTION_BYTES = 16 * 1024
-_KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
+KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
 class DataError(SdloraError, ValueError):
@@ -86,7 +86,7 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
         raise DataError(f"{root} is not a folder.")
     groups: list[tuple[Path, int, str | None]] = [(root, 1, prompt)]
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        match = _KOHYA_DIR.match(sub.name)
+        match = KOHYA_DIR.match(sub.name)
         if match and int(match.group(1)) == 0:
             log.warning("Leaving out %s: a kohya folder with 0 repeats is never trained on.", sub.name)
         elif match:

@@ -1,9 +1,10 @@
 """Turning an upload (a dropped folder, some files or one .zip) into a training folder.
 
-The browser sends each file on its own, under its bare name, so a dropped folder arrives as a flat list
-of paths in Gradio's cache; the CLI hands over a .zip given as its data folder. Either way everything is
-copied into one fresh folder under ``outputs/uploads/`` that the trainer then reads like any folder given
-on the command line, and whose captions can be edited as a table before training.
+The browser sends each file on its own, so the app's page names each file of a dropped folder by its path
+inside it (see `RELATIVE_SEP`); the CLI hands over a .zip given as its data folder. Either way everything
+is copied into one fresh folder under ``outputs/uploads/`` that the trainer then reads like any folder
+given on the command line (kohya `N_words` sub-folders included), and whose captions can be edited as a
+table before training.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from sdlora.data import IMAGE_EXTENSIONS, ImageError, list_images, load_image, read_caption
-from sdlora.data.folder import MAX_CAPTION_BYTES, file_digest
+from sdlora.data.folder import KOHYA_DIR, MAX_CAPTION_BYTES, file_digest
 from sdlora.errors import SdloraError
 from sdlora.files import atomic_write_text, disk_errors, safe_name
 from sdlora.outputs import Outputs
 
 CAPTION_SUFFIX = ".txt"
+# The app's page names each file of a dropped folder by its path inside it, parts joined by this (a
+# division slash: browsers send bare names and Gradio keeps every character but real separators).
+RELATIVE_SEP = "\u2215"
+EMPTY_FOLDER = "sdlora-empty-folder"  # what the page sends for a picked folder the browser found empty
 # Upper bounds on one upload, so a small crafted file can't fill the disk or the server's memory. A zip's
 # entry count is read from its end record before its directory is loaded; every member is streamed to disk.
 MAX_FILES = 20_000  # images and captions in one upload
@@ -41,7 +47,9 @@ UNUSED_UPLOAD_AGE_S = 6 * 3600  # an upload no run used is removed after this lo
 _CHUNK = 1024 * 1024
 # Files that operating systems leave in folders and zips; silently left out rather than reported.
 _JUNK = re.compile(r"^(\.|__MACOSX$|Thumbs\.db$|desktop\.ini$)", re.IGNORECASE)
-_ZERO_REPEATS = re.compile(r"^0+_.+$")  # kohya's N_words folder with N = 0: never trained on
+
+
+T = TypeVar("T")
 
 
 class UploadError(SdloraError, ValueError):
@@ -76,11 +84,20 @@ def shown_list(items: Sequence[str]) -> str:
 def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> StagedUpload:
     """Copy an upload (image and caption files, or a single .zip) into a new folder under outputs/uploads.
 
-    Files that are neither images nor captions, images that can't be decoded or are too large, captions
-    over MAX_CAPTION_BYTES and exact duplicates are left out and listed in `skipped`; an upload with no
-    usable image raises `UploadError` and leaves nothing behind, as does a full or read-only disk.
+    Files of a dropped folder may carry their path inside it in their name (`RELATIVE_SEP` between the
+    parts, as the app's page sends them), so kohya `N_words` sub-folders are kept with their repeats and
+    prompts (those with 0 repeats are left out), and files of other sub-folders are brought to the top
+    (renamed when a name is taken there). Files that are neither images nor captions, images that can't
+    be decoded or are too large, captions over MAX_CAPTION_BYTES and exact duplicates are left out and
+    listed in `skipped`; an upload with no usable image raises `UploadError` and leaves nothing behind, as
+    does a full or read-only disk.
     """
     files = [Path(p) for p in paths or [] if p]
+    if any(p.name == EMPTY_FOLDER for p in files):
+        raise UploadError(
+            "The folder you picked has no files the browser could send: drop a folder of images "
+            "(with optional .txt captions), or a .zip."
+        )
     if not files:
         raise UploadError(
             "Nothing was uploaded: drop a folder of images (with optional .txt captions) or a .zip."
@@ -90,19 +107,28 @@ def stage_upload(paths: Sequence[str | Path] | None, outputs: Outputs) -> Staged
     zips = [p for p in files if p.suffix.lower() == ".zip"]
     if zips and len(files) > 1:
         raise UploadError("Upload either one .zip or a folder of images, not both at once.")
-    name = zips[0].stem if zips else suggest_name([p.stem for p in files if _is_image(p.name)])
     with disk_errors(outputs.uploads, "Nothing was kept from this upload."):
-        folder = outputs.new_upload_dir(safe_name(name))
+        folder = outputs.new_upload_dir(".staging")  # hidden until complete
         try:
-            skipped = _unpack_zip(zips[0], folder) if zips else _copy_files(files, folder)
+            if zips:
+                skipped = _unpack_zip(zips[0], folder)
+                name = zips[0].stem.split(RELATIVE_SEP)[-1]  # the file the user dropped
+            else:
+                top, skipped = _copy_files(files, folder)
+                name = top or suggest_name(
+                    [p.stem.split(RELATIVE_SEP)[-1] for p in files if _is_image(p.name)]
+                )
             skipped += _drop_unreadable_images(folder)
             skipped += _drop_duplicates(folder)
-            images = len(list_images(folder))
+            images = len(training_images(folder))
             if not images:
                 details = f" Left out: {shown_list(skipped)}." if skipped else ""
                 raise UploadError(
                     f"No usable images in the upload (expected {', '.join(IMAGE_EXTENSIONS)}).{details}"
                 )
+            named = outputs.new_upload_dir(safe_name(name))  # named after the drop, once its name is known
+            named.rmdir()
+            folder = folder.rename(named)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -117,51 +143,101 @@ def suggest_name(stems: Sequence[str]) -> str:
     return safe_name(prefix.rstrip("0123456789 _-."), default="adapter")
 
 
+def training_images(folder: Path) -> list[Path]:
+    """The images a training run reads: at the top and in kohya `N_words` sub-folders."""
+    found = list_images(folder)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and KOHYA_DIR.match(p.name)):
+        found += list_images(sub)
+    return found
+
+
 def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _target_name(name: str, size: int, folder: Path, skipped: list[str]) -> Path | None:
-    """Where an uploaded file of `size` bytes goes, or None (with the reason in `skipped`) if it is left out."""
-    if _JUNK.match(name):
-        return None
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_SUFFIX:
-        skipped.append(f"{shown(name)}: not an image or a .txt caption")
-        return None
-    limit = MAX_CAPTION_BYTES if suffix == CAPTION_SUFFIX else MAX_IMAGE_BYTES
-    if size > limit:
-        kind = "a caption" if suffix == CAPTION_SUFFIX else "an image"
-        skipped.append(
-            f"{shown(name)}: {size / 1024**2:.1f} MiB is too large for {kind} (at most {_size(limit)})"
-        )
-        return None
-    target = folder / (safe_name(Path(name).stem, default="image") + suffix)
-    if target.exists():
-        skipped.append(f"{shown(name)}: another file has the same name")
-        return None
-    return target
 
 
 def _size(limit: int) -> str:
     return f"{limit // 1024**2} MiB" if limit >= 1024**2 else f"{limit // 1024} KiB"
 
 
-def _copy_files(files: list[Path], folder: Path) -> list[str]:
-    skipped: list[str] = []
-    for path in files:
-        target = _target_name(path.name, path.stat().st_size, folder, skipped)
+class _Placer:
+    """Decides where each uploaded file goes inside the training folder, keeping kohya sub-folders and
+    an image with its caption, and renaming a file of another sub-folder whose name is taken."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.skipped: list[str] = []
+        self.owners: dict[tuple[Path, str], tuple[str, ...]] = {}  # (target folder, stem) -> source folder
+        self.zero: set[str] = set()  # kohya folders with 0 repeats, reported once each
+
+    def target(self, parts: tuple[str, ...], size: int) -> Path | None:
+        """Where the file at `parts` (its path inside the upload) of `size` bytes goes, or None (the reason
+        in `skipped`) if it is left out."""
+        name, where = parts[-1], parts[:-1]
+        if any(_JUNK.match(p) for p in parts):
+            return None
+        kohya = KOHYA_DIR.match(where[0]) if where else None
+        if kohya and int(kohya.group(1)) == 0:
+            if where[0] not in self.zero:
+                self.zero.add(where[0])
+                self.skipped.append(f"{shown(where[0])}/: a kohya folder with 0 repeats is never trained on")
+            return None
+        path = shown("/".join(parts))
+        suffix = Path(name).suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS and suffix != CAPTION_SUFFIX:
+            self.skipped.append(f"{path}: not an image or a .txt caption")
+            return None
+        limit = MAX_CAPTION_BYTES if suffix == CAPTION_SUFFIX else MAX_IMAGE_BYTES
+        if size > limit:
+            kind = "a caption" if suffix == CAPTION_SUFFIX else "an image"
+            self.skipped.append(
+                f"{path}: {size / 1024**2:.1f} MiB is too large for {kind} (at most {_size(limit)})"
+            )
+            return None
+        folder = self.folder / where[0] if kohya else self.folder
+        stem = safe_name(Path(name).stem, default="image")
+        owner = self.owners.setdefault((folder, stem), where)
+        if owner != where:  # another sub-folder has a file of this name: prefix where this one came from
+            stem = safe_name("_".join((*where[1 if kohya else 0 :], Path(name).stem)), default="image")
+            self.owners.setdefault((folder, stem), where)
+        target = folder / (stem + suffix)
+        if target.exists():
+            self.skipped.append(f"{path}: another file has the same name")
+            return None
+        folder.mkdir(exist_ok=True)
+        return target
+
+
+def _split_top(all_parts: list[tuple[str, ...]]) -> tuple[str | None, list[tuple[str, ...]]]:
+    """The dropped folder's name (when every file lies in one folder) and each file's path inside it."""
+    tops = {parts[0] for parts in all_parts if len(parts) > 1}
+    if len(tops) == 1 and all(len(parts) > 1 for parts in all_parts):
+        return next(iter(tops)), [parts[1:] for parts in all_parts]
+    return None, all_parts
+
+
+def _top_first(pairs: Iterable[tuple[T, tuple[str, ...]]]) -> list[tuple[T, tuple[str, ...]]]:
+    """Files at the top of the upload first, so theirs are the names a sub-folder's file must give way to."""
+    return sorted(pairs, key=lambda pair: len(pair[1]))
+
+
+def _copy_files(files: list[Path], folder: Path) -> tuple[str | None, list[str]]:
+    top, inside = _split_top([_member_parts(path.name.replace(RELATIVE_SEP, "/")) for path in files])
+    placer = _Placer(folder)
+    for path, parts in _top_first(zip(files, inside, strict=True)):
+        target = placer.target(parts, path.stat().st_size)
         if target is not None:
             shutil.copyfile(path, target)
-    return skipped
+    return top, placer.skipped
 
 
 def _unpack_zip(archive: Path, folder: Path) -> list[str]:
-    """Unpack a zip whose files lie at its top or in one folder (what zipping a folder gives).
+    """Unpack a zip: its files at the top or in one folder (what zipping a folder gives), with kohya
+    `N_words` sub-folders kept (those with 0 repeats left out).
 
-    kohya folders with 0 repeats ('0_name') are left out. Each member is streamed to disk and never read
-    past its declared size, which is checked against the limits first."""
-    _check_zip_directory(archive)
+    Each member is streamed to disk and never read past its declared size, which is checked against the
+    limits first."""
+    name = shown(archive.name.split(RELATIVE_SEP)[-1])  # the file the user dropped, not the server's path
+    _check_zip_directory(archive, name)
     try:
         with zipfile.ZipFile(archive) as zipped:
             members = [m for m in zipped.infolist() if not m.is_dir()]
@@ -169,33 +245,18 @@ def _unpack_zip(archive: Path, folder: Path) -> list[str]:
             members = [m for m in members if not any(_JUNK.match(p) for p in parts[m.filename])]
             if len(members) > MAX_FILES or sum(m.file_size for m in members) > MAX_UNPACKED_BYTES:
                 raise UploadError(
-                    f"{shown(archive.name)} is too large to unpack (at most {MAX_FILES:,} files and "
+                    f"{name} is too large to unpack (at most {MAX_FILES:,} files and "
                     f"{MAX_UNPACKED_BYTES // 1024**3} GiB)."
                 )
-            tops = {parts[m.filename][0] for m in members if len(parts[m.filename]) > 1}
-            strip = 1 if len(tops) == 1 and all(len(parts[m.filename]) > 1 for m in members) else 0
-            skipped: list[str] = []
-            zero = sorted(
-                {p[strip] for p in parts.values() if len(p) - strip > 1 and _ZERO_REPEATS.match(p[strip])}
-            )
-            if zero:
-                skipped += [
-                    f"{shown(name)}/: a kohya folder with 0 repeats is never trained on" for name in zero
-                ]
-                members = [m for m in members if parts[m.filename][strip] not in zero]
-            nested = [m.filename for m in members if len(parts[m.filename]) - strip > 1]
-            if nested:
-                raise UploadError(
-                    f"{shown(archive.name)} has folders inside (e.g. '{shown(nested[0])}'): put the images and "
-                    "captions directly in the zip, or in a single folder inside it."
-                )
-            for member in members:
-                target = _target_name(parts[member.filename][-1], member.file_size, folder, skipped)
+            _, inside = _split_top([parts[m.filename] for m in members])
+            placer = _Placer(folder)
+            for member, member_parts in _top_first(zip(members, inside, strict=True)):
+                target = placer.target(member_parts, member.file_size)
                 if target is not None:
                     _stream_member(zipped, member, target)
-            return skipped
+            return placer.skipped
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError) as error:
-        raise UploadError(f"{shown(archive.name)} can't be unpacked as a zip file ({error}).") from error
+        raise UploadError(f"{name} can't be unpacked as a zip file ({error}).") from error
 
 
 def _stream_member(zipped: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path) -> None:
@@ -205,12 +266,13 @@ def _stream_member(zipped: zipfile.ZipFile, member: zipfile.ZipInfo, target: Pat
         for block in iter(lambda: source.read(_CHUNK), b""):
             written += len(block)
             if written > member.file_size:  # never trust a member to stop where it says
-                raise zipfile.BadZipFile(f"{member.filename} is longer than its header says")
+                raise zipfile.BadZipFile(f"{shown(member.filename)} is longer than its header says")
             out.write(block)
 
 
-def _check_zip_directory(archive: Path) -> None:
-    """Refuse a zip with too many entries from its end record, before its directory is read into memory."""
+def _check_zip_directory(archive: Path, name: str) -> None:
+    """Refuse a zip with too many entries from its end record, before its directory is read into memory
+    (`name`: the zip's name as the user knows it)."""
     try:
         with open(archive, "rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -230,32 +292,34 @@ def _check_zip_directory(archive: Path) -> None:
                     if record[:4] == b"PK\x06\x06":
                         entries, directory_bytes = struct.unpack("<QQ", record[32:48])
     except (OSError, struct.error) as error:
-        raise UploadError(f"{shown(archive.name)} can't be read as a zip file ({error}).") from error
+        raise UploadError(f"{name} can't be read as a zip file ({error}).") from error
     if entries > MAX_ZIP_ENTRIES or directory_bytes > MAX_ZIP_DIRECTORY_BYTES:
-        raise UploadError(
-            f"{shown(archive.name)} lists {entries:,} entries; at most {MAX_ZIP_ENTRIES:,} are accepted."
-        )
+        raise UploadError(f"{name} lists {entries:,} entries; at most {MAX_ZIP_ENTRIES:,} are accepted.")
 
 
 def _member_parts(name: str) -> tuple[str, ...]:
-    """A zip member's path parts; absolute paths and '..' (which could write outside the folder) are refused."""
+    """A path's parts inside an upload; absolute paths and '..' (which could write outside the folder) are
+    refused."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or ":" in path.parts[0]:
-        raise UploadError(f"The zip contains an unsafe path: {shown(name)!r}.")
+        raise UploadError(f"The upload contains an unsafe path: {shown(name)!r}.")
     return path.parts
 
 
 def _drop_unreadable_images(folder: Path) -> list[str]:
     skipped = []
-    for path in list_images(folder):
+    for path in training_images(folder):
         try:
             load_image(path)
         except ImageError as error:
+            relative = path.relative_to(folder).as_posix()
             if error.__cause__ is not None:  # the decoder's complaint
-                reason = f"can't be read as an image ({str(error.__cause__)[:120]})"
+                cause = str(error.__cause__).replace(str(path), relative)
+                reason = f"can't be read as an image ({cause[:120]})"
             else:  # refused from its header: the message says why
                 reason = str(error).removeprefix(f"{path}: ").removeprefix(f"{path.name}: ")
-            skipped.append(f"{shown(path.name)}: {reason}")
+                reason = reason.replace(str(path), relative)
+            skipped.append(f"{shown(relative)}: {reason}")
             path.unlink()
             path.with_suffix(CAPTION_SUFFIX).unlink(missing_ok=True)
     return skipped
@@ -264,10 +328,11 @@ def _drop_unreadable_images(folder: Path) -> list[str]:
 def _drop_duplicates(folder: Path) -> list[str]:
     """Leave out byte-identical copies of an image (they would be trained on twice as often)."""
     skipped, seen = [], {}
-    for path in list_images(folder):
+    for path in training_images(folder):
         first = seen.setdefault(file_digest(path), path)
         if first != path:
-            skipped.append(f"{shown(path.name)}: the same picture as {shown(first.name)}")
+            relative, original = (p.relative_to(folder).as_posix() for p in (path, first))
+            skipped.append(f"{shown(relative)}: the same picture as {shown(original)}")
             path.unlink()
             path.with_suffix(CAPTION_SUFFIX).unlink(missing_ok=True)
     return skipped
@@ -352,7 +417,10 @@ def caption_rows(folder: str | Path | None) -> list[list[str]]:
     """[image file name, caption] for each image of a training folder, for an editable table."""
     if not folder or not Path(folder).is_dir():
         return []
-    return [[path.name, read_caption(path) or ""] for path in list_images(Path(folder))]
+    folder = Path(folder)
+    return [
+        [path.relative_to(folder).as_posix(), read_caption(path) or ""] for path in training_images(folder)
+    ]
 
 
 def save_captions(folder: str | Path, rows: Sequence[Sequence[str]]) -> int:
@@ -361,7 +429,7 @@ def save_captions(folder: str | Path, rows: Sequence[Sequence[str]]) -> int:
     Only names of images already in `folder` are accepted, so a crafted row can't write anywhere else.
     """
     folder = Path(folder)
-    images = {path.name: path for path in list_images(folder)}
+    images = {path.relative_to(folder).as_posix(): path for path in training_images(folder)}
     changed = 0
     for row in rows:
         if len(row) < 2 or str(row[0]) not in images:

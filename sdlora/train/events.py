@@ -68,6 +68,18 @@ class StartEvent(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PhaseEvent(Event):
+    """Work other than steps, so a watcher can say what happens: loading, class_images, caching, samples,
+    saving; `done` of `total` when it counts (class images, samples). The first, 'loading', names the run."""
+
+    kind: ClassVar[str] = "phase"
+    phase: str
+    done: int = 0
+    total: int = 0
+    run: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class StepEvent(Event):
     kind: ClassVar[str] = "step"
     step: int
@@ -133,6 +145,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.kind: cls
     for cls in (
         StartEvent,
+        PhaseEvent,
         StepEvent,
         CheckpointEvent,
         SampleEvent,

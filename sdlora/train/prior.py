@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
@@ -25,11 +26,13 @@ def ensure_class_images(
     device: str | None = None,
     steps: int = 25,
     guidance: float = 5.0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Path], int]:
     """Make sure `folder` holds at least `count` class images; returns (the images to use, how many were made).
 
     Missing images are generated from the class prompt with one seed per image and saved atomically
     with a caption, so an interrupted run keeps what it made and a second run makes none.
+    `on_progress(made, missing)` is called after each image.
     """
     folder.mkdir(parents=True, exist_ok=True)
     existing = list_images(folder)
@@ -39,7 +42,7 @@ def ensure_class_images(
         generator = Generator(pipe, device=device)
         taken = {p.stem for p in existing}
         index = 0
-        for _ in tqdm(range(missing), desc="class images", leave=False):
+        for made in tqdm(range(missing), desc="class images", leave=False):
             while f"class-{index:05d}" in taken:
                 index += 1
             params = GenerationParams(
@@ -54,4 +57,6 @@ def ensure_class_images(
             atomic_write_text(folder / f"class-{index:05d}.txt", class_prompt)
             save_png(image, folder / f"class-{index:05d}.png")
             taken.add(f"class-{index:05d}")
+            if on_progress:
+                on_progress(made + 1, missing)
     return list_images(folder)[:count], max(missing, 0)

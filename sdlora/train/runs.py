@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
+import socket
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.files import atomic_write_text
 from sdlora.outputs import Outputs
 from sdlora.train.checkpoint import list_checkpoints
+from sdlora.train.events import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    SampleEvent,
+    StartEvent,
+    StepEvent,
+    read_events,
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,11 @@ class RunFolder:
     def cancel_file(self) -> Path:
         """Creating this file asks a running training (in any process) to stop after its step."""
         return self.path / "CANCEL"
+
+    @property
+    def owner_file(self) -> Path:
+        """Present while a process trains the run: its pid and host (see `run_info`)."""
+        return self.path / "RUNNING"
 
     @property
     def config(self) -> Path:
@@ -61,3 +80,214 @@ def find_run_to_resume(outputs: Outputs, name: str, resume: str) -> RunFolder:
         if RunFolder(path).latest_checkpoint() is not None:
             return RunFolder(path)
     raise ConfigError(f"--resume latest: no run of {name!r} with a checkpoint under {outputs.runs}.")
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its process died (a killed server, a crash) without saying how it ended
+
+
+RESUMABLE = (RunState.CANCELLED, RunState.FAILED, RunState.INTERRUPTED)
+_ENDINGS = {DoneEvent: RunState.DONE, CancelledEvent: RunState.CANCELLED, ErrorEvent: RunState.FAILED}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder says about its run: read from disk alone, so it holds after a server restart."""
+
+    folder: RunFolder
+    name: str
+    state: RunState
+    step: int
+    total: int
+    settings: dict[str, Any]
+    losses: list[tuple[int, float]]
+    samples: dict[int, list[Path]]  # step -> sample images, one per sample prompt
+    checkpoints: list[Path]
+    adapter: Path | None
+    error: str | None
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in RESUMABLE and bool(self.checkpoints)
+
+
+def mark_running(run: RunFolder) -> None:
+    """Say which process trains the run, so a reader can tell a live run from one whose process died."""
+    atomic_write_text(run.owner_file, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def mark_stopped(run: RunFolder) -> None:
+    run.owner_file.unlink(missing_ok=True)
+
+
+def _owner_alive(run: RunFolder) -> bool:
+    try:
+        owner = json.loads(run.owner_file.read_text())
+    except (OSError, ValueError):
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process (a shared disk): trust the marker
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, KeyError, ValueError, TypeError):
+        return True
+    return True
+
+
+def run_info(folder: Path) -> RunInfo:
+    """The state and record of one run folder.
+
+    A run is running while its process lives; otherwise the last ending event after its last start
+    says done, cancelled or failed, and a run with none was interrupted."""
+    run = RunFolder(Path(folder))
+    events = read_events(run.events)
+    try:
+        settings = json.loads(run.config.read_text())
+    except (OSError, ValueError):
+        settings = {}
+    state = RunState.INTERRUPTED
+    error = None
+    for event in events:
+        if isinstance(event, StartEvent):
+            state, error = RunState.INTERRUPTED, None
+        elif type(event) in _ENDINGS:
+            state = _ENDINGS[type(event)]
+            error = event.message if isinstance(event, ErrorEvent) else None
+    if _owner_alive(run):
+        state = RunState.RUNNING
+    steps = [e for e in events if isinstance(e, StepEvent)]
+    losses = {e.step: e.loss for e in steps}  # a resumed run redoes steps after its checkpoint: keep the last
+    samples: dict[int, list[Path]] = {}
+    for event in events:
+        if isinstance(event, SampleEvent):
+            samples[event.step] = [Path(p) for p in event.paths if Path(p).is_file()]
+    done = next((e for e in reversed(events) if isinstance(e, DoneEvent)), None)
+    return RunInfo(
+        folder=run,
+        name=str(settings.get("name") or run.path.name),
+        state=state,
+        step=steps[-1].step if steps else 0,
+        total=int(settings.get("steps") or (steps[-1].total if steps else 0)),
+        settings=settings,
+        losses=sorted(losses.items()),
+        samples=dict(sorted(samples.items())),
+        checkpoints=list_checkpoints(run.checkpoints),
+        adapter=Path(done.adapter) if done and state is RunState.DONE else None,
+        error=error,
+    )
+
+
+def list_runs(outputs: Outputs) -> list[RunInfo]:
+    """Every run under outputs/runs, newest first (by the time in its folder's name, whatever the adapter)."""
+    return [run_info(path) for path in sorted(outputs.run_dirs(), key=_started, reverse=True)]
+
+
+def _started(path: Path) -> tuple[str, int]:
+    match = re.search(r"-(\d{8}-\d{6})(?:-(\d+))?$", path.name)
+    return (match.group(1), int(match.group(2) or 1)) if match else ("", 0)
+
+
+def run_config(run: RunFolder) -> TrainConfig:
+    """The config a run was started with, set to resume it from its newest checkpoint."""
+    try:
+        saved = json.loads(run.config.read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{run.path.name} has no readable config.json, so it can't be resumed.") from error
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{key: value for key, value in saved.items() if key in names})
+    return dataclasses.replace(config, resume=str(run.path))
+
+
+def checkpoint_adapter(run: RunFolder, checkpoint: Path, outputs: Outputs, name: str | None = None) -> Path:
+    """Write a checkpoint's adapter weights as a kohya adapter under outputs/adapters, named after the run
+    and step unless `name` is given (made unique); an earlier checkpoint may be the better adapter."""
+    from safetensors.torch import load_file  # here: listing runs needs no torch
+
+    from sdlora.adapters import AdapterFacts, lora_from_peft, write_lora
+    from sdlora.adapters.library import unique_name
+
+    info = run_info(run.path)
+    if Path(checkpoint) not in info.checkpoints:
+        raise ConfigError(f"{Path(checkpoint).name} is not a checkpoint of {run.path.name}.")
+    settings = info.settings
+    step = int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+    rank = int(settings.get("rank") or 0)
+    alpha = float(settings.get("alpha") or rank)
+    parts: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(Path(checkpoint) / "lora.safetensors").items():
+        part, peft_key = key.split(".", 1)
+        parts.setdefault(part, {})[peft_key] = tensor
+    facts = AdapterFacts(
+        name=unique_name(outputs, name or f"{info.name}_step{step}"),
+        base_model=str(settings.get("base") or ""),
+        family=str(settings.get("family") or ""),
+        rank=rank,
+        alpha=alpha,
+        targets=str(settings.get("targets") or "all"),
+        instance_prompt=settings.get("prompt") or "",
+        class_prompt=settings.get("class_prompt") or "",
+        steps=step,
+        resolution=int(settings.get("resolution") or 0),
+        learning_rate=float(settings.get("lr") or 0.0),
+        text_encoder=bool(settings.get("text_encoder")),
+        seed=int(settings.get("seed") or 0),
+    )
+    lora = lora_from_peft({part: (state, alpha) for part, state in parts.items()}, facts.to_metadata())
+    return write_lora(lora, outputs.adapter_file(facts.name), "kohya")
+
+
+def sample_grid(info: RunInfo) -> tuple[list[tuple[Path, str]], int]:
+    """The run's samples as a grid to compare checkpoints: one column per sampled step and one row per
+    sample prompt (the same prompts and seed each time, so a row shows what training changed); returns
+    (cells row by row, columns)."""
+    prompts = list(info.settings.get("sample_prompt") or [])
+    steps = list(info.samples)
+    rows = max([len(paths) for paths in info.samples.values()] + [0])
+    cells = [
+        (
+            info.samples[step][row],
+            f"step {step} · {prompts[row] if row < len(prompts) else f'prompt {row + 1}'}",
+        )
+        for row in range(rows)
+        for step in steps
+        if row < len(info.samples[step])
+    ]
+    return cells, max(len(steps), 1)
+
+
+def run_summary(info: RunInfo) -> str:
+    """One line on a run: its name, state, progress and what it left."""
+    parts = [f"{info.name}: {info.state}", f"step {info.step}/{info.total}"]
+    if info.checkpoints:
+        parts.append(f"{len(info.checkpoints)} checkpoint(s)")
+    if info.adapter:
+        parts.append(f"adapter {info.adapter.name}")
+    if info.error:
+        parts.append(info.error)
+    return " · ".join(parts)
+
+
+RUN_COLUMNS = ["run", "state", "step", "checkpoints", "adapter"]
+
+
+def run_row(info: RunInfo) -> list[str]:
+    """A run as a row of the Runs table (`RUN_COLUMNS`)."""
+    adapter = info.adapter.name if info.adapter else ""
+    return [
+        info.folder.path.name,
+        str(info.state),
+        f"{info.step}/{info.total}",
+        str(len(info.checkpoints)),
+        adapter,
+    ]
+
+
+def settings_lines(settings: dict[str, Any]) -> str:
+    """A run's settings as 'option = value' lines (empty values left out)."""
+    return "\n".join(f"{key} = {value}" for key, value in settings.items() if value not in (None, [], ""))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -21,13 +21,17 @@ def make_samples(
     resolution: int,
     folder: Path,
     step: int,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Path]:
-    """Images for the sample prompts with the adapter as it is now; the same seed every time."""
+    """Images for the sample prompts with the adapter as it is now; the same seed every time.
+    `on_progress(made, total)` is called before each image and after the last."""
     trainables = list(trainables)
     for model in trainables:
         model.eval()
     paths = []
     for index, prompt in enumerate(config.sample_prompt):
+        if on_progress:
+            on_progress(index, len(config.sample_prompt))
         params = GenerationParams(
             prompt,
             seed=config.seed,
@@ -39,4 +43,6 @@ def make_samples(
         paths.append(save_png(sampler.generate(params), folder / f"step-{step:06d}-{index}.png"))
     for model in trainables:
         model.train()
+    if on_progress:
+        on_progress(len(paths), len(paths))
     return paths

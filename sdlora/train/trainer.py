@@ -44,6 +44,7 @@ from sdlora.train.events import (
     ErrorEvent,
     EventHandler,
     EventLog,
+    PhaseEvent,
     SampleEvent,
     StartEvent,
     StepEvent,
@@ -55,7 +56,7 @@ from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_s
 from sdlora.train.optimizers import make_optimizer
 from sdlora.train.prior import ensure_class_images
 from sdlora.train.result import TrainingError, TrainResult
-from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
+from sdlora.train.runs import RunFolder, find_run_to_resume, mark_running, mark_stopped, new_run
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
 
@@ -100,12 +101,17 @@ def train(
         made = [str(new_run(outputs, name).path) if accelerator.is_main_process else None]
         run = RunFolder(Path(broadcast_object_list(made)[0]))
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        mark_running(run)
     try:
+        events.emit(PhaseEvent(phase="loading", run=str(run.path)))
         return loop(setup(config, items, base, run, accelerator, events), cancel)
     except Exception as error:
         events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
         raise
     finally:
+        if accelerator.is_main_process:
+            mark_stopped(run)
         if accelerator.num_processes > 1:
             # Leave the process group before the interpreter exits: gloo's worker threads can
             # otherwise abort the process during finalization (SIGABRT), failing a finished run.
@@ -221,6 +227,7 @@ def save_state(s: Session, step: int) -> None:
     s.accelerator.wait_for_everyone()
     if not s.accelerator.is_main_process:
         return
+    s.events.emit(PhaseEvent(phase="saving"))
     state = TrainingState(
         step=step,
         lora=adapter_state(s.accelerator, s.parts),
@@ -233,7 +240,10 @@ def save_state(s: Session, step: int) -> None:
 
 
 def save_samples(s: Session, step: int) -> None:
-    paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step)
+    def progress(done: int, total: int) -> None:
+        s.events.emit(PhaseEvent(phase="samples", done=done, total=total))
+
+    paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step, progress)
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
 
@@ -241,6 +251,7 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
     """The adapter file, with the facts a user will want to see later."""
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
+        s.events.emit(PhaseEvent(phase="saving"))
         weights = {
             part: (get_peft_model_state_dict(s.accelerator.unwrap_model(model)), s.config.lora_alpha)
             for part, model in s.parts.items()
@@ -328,6 +339,7 @@ def setup(
     speed = tune_for_speed(config, pipe.unet, device)
 
     # Cache what frozen parts compute: latents always, text embeddings unless the text encoder trains.
+    events.emit(PhaseEvent(phase="caching"))
     buckets = make_buckets(resolution, bucket_step(pipe))
     examples = encode_images(pipe.vae, items, buckets, config.flip, device)
     class_examples = encode_images(pipe.vae, class_items, buckets, config.flip, device)
@@ -489,6 +501,9 @@ def _class_items(
             resolution,
             config.seed,
             device=str(accelerator.device),
+            on_progress=lambda done, total: events.emit(
+                PhaseEvent(phase="class_images", done=done, total=total)
+            ),
         )
     events.emit(ClassImagesEvent(folder=str(class_dir), count=len(paths), generated=made))
     return [Item(p, config.class_prompt) for p in paths]
