@@ -80,14 +80,17 @@ class BuildConfig:
     """
 
     dataset_size: int = 40_000
-    vae_variety_size: int = 10_000  # held-back shapes, styles and backgrounds that only the VAE sees
+    decoder_variety_size: int = 10_000  # held-back shapes, styles and backgrounds that only the decoder sees
+    decoder_steps: int = 800
+    decoder_batch: int = 64
+    decoder_lr: float = 5e-4
     vae_steps: int = 800
-    vae_minutes: float = 10.0
+    vae_minutes: float = 8.0
     vae_batch: int = 64
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
     unet_steps: int = 6_000
-    unet_minutes: float = 35.0
+    unet_minutes: float = 25.0
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup_steps: int = 100
@@ -103,7 +106,8 @@ class BuildConfig:
 
 QUICK_CONFIG = BuildConfig(
     dataset_size=2_000,
-    vae_variety_size=500,
+    decoder_variety_size=500,
+    decoder_steps=10,
     vae_steps=60,
     vae_minutes=0.5,
     vae_batch=32,
@@ -275,6 +279,87 @@ def train_vae(
         mse = F.mse_loss(vae.decode(vae.encode(held_out).latent_dist.mode()).sample, held_out).item()
     print(f"[vae] held-out reconstruction MSE {mse:.5f} (images in [-1, 1])", flush=True)
     return vae, {**schedule.summary(), "reconstruction_mse": mse}
+
+
+def refine_decoder(
+    vae: AutoencoderKL, images: torch.Tensor, config: BuildConfig, seed: int, device: torch.device
+) -> dict:
+    """Teach the decoder to draw what LoRAs can teach: held-back shapes, styles and dark backgrounds.
+
+    Only the decoder learns (the encoder, and so the latent space the U-Net was trained in, stays
+    exactly as it was), on batches half of base images (so they still decode as before) and half of
+    `vae_variety` images, decoded from sampled latents as a LoRA-trained U-Net would produce them.
+    A fixed number of steps on a seeded generator: the same seed gives the same decoder.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    variety = to_model_space(vae_variety(config.decoder_variety_size, seed=seed + 1))
+    held_out = torch.cat([variety[:256], images[:256]])
+    variety = variety[256:]
+    vae = vae.to(device)
+    vae.requires_grad_(False)
+    parts = [vae.decoder, vae.post_quant_conv]
+    for part in parts:
+        part.requires_grad_(True).train()
+    params = [p for part in parts for p in part.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=config.decoder_lr, weight_decay=0.0)
+    half = config.decoder_batch // 2
+    started = time.monotonic()
+    for step in range(config.decoder_steps):
+        lr = config.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / config.decoder_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pick = [
+            variety[torch.randint(len(variety), (half,), generator=generator)],
+            images[torch.randint(len(images), (half,), generator=generator)],
+        ]
+        batch = torch.cat(pick).to(device)
+        with torch.no_grad():
+            posterior = vae.encode(batch).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(latents.to(device)).sample, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.decoder_steps - 1:
+            print(f"[decoder] step {step} loss {loss.item():.5f} lr {lr:.2e}", flush=True)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        held_out = held_out.to(device)
+        reconstructed = vae.decode(vae.encode(held_out).latent_dist.mode()).sample
+        errors = ((reconstructed - held_out) ** 2).mean(dim=(1, 2, 3))
+    return {
+        "steps": config.decoder_steps,
+        "seconds": round(time.monotonic() - started),
+        "held_out_mse_variety": float(errors[:256].mean()),
+        "held_out_mse_base": float(errors[256:].mean()),
+    }
+
+
+def refine_shipped_decoder(model_dir: Path, *, seed: int = 0, config: BuildConfig = BuildConfig()) -> dict:
+    """Run `refine_decoder` on an existing model folder's VAE and record it in its build_info.json;
+    the U-Net, text encoder and latent space are untouched."""
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32)
+    images_u8, _ = make_dataset(config.dataset_size, seed=seed)
+    info = refine_decoder(vae, to_model_space(images_u8), config, seed, device)
+    staging = model_dir.with_name(f".{model_dir.name}.refining")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(model_dir, staging)
+    vae.cpu().save_pretrained(staging / "vae", safe_serialization=True)
+    save_fp16(staging / "vae")
+    build_info = json.loads((staging / "build_info.json").read_text())
+    build_info["decoder_refinement"] = info
+    build_info["config"] = {
+        **build_info["config"],
+        **{k: v for k, v in asdict(config).items() if k.startswith("decoder_")},
+    }
+    (staging / "build_info.json").write_text(json.dumps(build_info, indent=2) + "\n")
+    sample_grid(staging, SAMPLE_PROMPTS, seed).save(staging / "samples.png")
+    write_model_card(staging)
+    atomic_replace_dir(staging, model_dir)
+    return info
 
 
 @torch.no_grad()
@@ -503,11 +588,9 @@ def build_demo_model(
     images = to_model_space(images_u8)
     log(f"dataset: {len(captions)} images, e.g. {captions[:3]}")
 
-    variety = to_model_space(vae_variety(config.vae_variety_size, seed=seed + 1))
-    # Held-out images for the VAE's reconstruction figure: half from each source.
-    half = 256
-    vae, vae_info = train_vae(torch.cat([variety[:half], images, variety[half:]]), config, generator, device)
+    vae, vae_info = train_vae(images, config, generator, device)
     mean, std = encode_latents(vae, images, device)
+    vae_info["decoder_refinement"] = refine_decoder(vae, images, config, seed, device)
     scaling_factor = float(1 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
     vae.register_to_config(scaling_factor=scaling_factor)
     log(f"latent scaling factor {scaling_factor:.4f}")
@@ -562,8 +645,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None, help="torch device; default cuda if available, else cpu")
     parser.add_argument("--quick", action="store_true", help="tiny fast build for testing this script")
     parser.add_argument("--unet-steps", type=int, default=None, help="override the U-Net training steps")
+    parser.add_argument(
+        "--refine-decoder-only",
+        action="store_true",
+        help="only run the decoder refinement stage on the model in --out (U-Net and latents untouched)",
+    )
     args = parser.parse_args(argv)
     config = QUICK_CONFIG if args.quick else BuildConfig()
+    if args.refine_decoder_only:
+        print(json.dumps(refine_shipped_decoder(args.out, seed=args.seed, config=config), indent=2))
+        return
     if args.unet_steps:
         config = replace(config, unet_steps=args.unet_steps)
     build_demo_model(args.out, seed=args.seed, device=args.device, config=config)
