@@ -46,11 +46,11 @@ def diffusion_loss(ctx: LossContext, instance: list[Example], prior: list[Exampl
     mine = [i for i in range(len(instance)) if i % ctx.world == ctx.rank]
     mine_prior = [i for i in range(len(prior)) if i % ctx.world == ctx.rank]
     if prior and prior[0].mean.shape == instance[0].mean.shape:  # one forward pass when the shapes allow it
-        per_example = _per_example_loss(ctx, instance + prior, mine + [len(instance) + i for i in mine_prior])
+        per_example = per_example_loss(ctx, instance + prior, mine + [len(instance) + i for i in mine_prior])
     else:
         per_example = torch.cat(
             [
-                _per_example_loss(ctx, group, keep)
+                per_example_loss(ctx, group, keep)
                 for group, keep in ((instance, mine), (prior, mine_prior))
                 if group
             ]
@@ -80,7 +80,7 @@ def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: flo
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
-def _per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -> torch.Tensor:
+def per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -> torch.Tensor:
     """Noise is drawn for the whole group (the same on every process); the U-Net runs on `keep` only."""
     config, scheduler, rng, device = ctx.config, ctx.scheduler, ctx.rng, ctx.device
     latents = torch.stack([_sample_latent(e, config.flip, rng, device) for e in group]) * ctx.vae_scale

@@ -23,11 +23,11 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from peft.utils import get_peft_model_state_dict
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from sdlora.adapters import AdapterFacts, lora_from_peft, trigger_words, write_lora
+from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
+from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, scan_folder
 from sdlora.generate import Generator
@@ -52,7 +52,7 @@ from sdlora.train.events import (
 from sdlora.train.loss import LossContext, diffusion_loss
 from sdlora.train.naming import adapter_file, adapter_name
 from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
-from sdlora.train.optimizers import make_optimizer
+from sdlora.train.optimizers import evaluation_weights, make_optimizer, param_groups
 from sdlora.train.prior import ensure_class_images
 from sdlora.train.result import TrainingError, TrainResult
 from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
@@ -221,19 +221,21 @@ def save_state(s: Session, step: int) -> None:
     s.accelerator.wait_for_everyone()
     if not s.accelerator.is_main_process:
         return
-    state = TrainingState(
-        step=step,
-        lora=adapter_state(s.accelerator, s.parts),
-        optimizer=s.optimizer.state_dict(),
-        lr_scheduler=s.lr_scheduler.state_dict(),
-        rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
-    )
-    path = save_checkpoint(s.run.checkpoints, state, keep=s.config.keep_checkpoints)
+    with evaluation_weights(s.optimizer):  # written inside: the state's tensors are the live weights
+        state = TrainingState(
+            step=step,
+            lora=adapter_state(s.accelerator, s.parts),
+            optimizer=s.optimizer.state_dict(),
+            lr_scheduler=s.lr_scheduler.state_dict(),
+            rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
+        )
+        path = save_checkpoint(s.run.checkpoints, state, keep=s.config.keep_checkpoints)
     s.events.emit(CheckpointEvent(step=step, path=str(path)))
 
 
 def save_samples(s: Session, step: int) -> None:
-    paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step)
+    with evaluation_weights(s.optimizer):
+        paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step)
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
 
@@ -241,12 +243,8 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
     """The adapter file, with the facts a user will want to see later."""
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
-        weights = {
-            part: (get_peft_model_state_dict(s.accelerator.unwrap_model(model)), s.config.lora_alpha)
-            for part, model in s.parts.items()
-        }
-        lora = lora_from_peft(weights, adapter_facts(s, step).to_metadata())
-        write_lora(lora, s.adapter_path, s.config.adapter_format)
+        with evaluation_weights(s.optimizer):
+            write_lora(trained_lora(s, step), s.adapter_path, s.config.adapter_format)
     device = s.accelerator.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     s.events.emit(
@@ -259,6 +257,16 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
         )
     )
     return TrainResult(s.adapter_path, s.run.path, step, loss, elapsed)
+
+
+def trained_lora(s: Session, step: int) -> LoraFile:
+    """The trained layers as neutral modules (any network type), with the run's facts."""
+    modules = {
+        f"{part}.{name}": module
+        for part, model in s.parts.items()
+        for name, module in modules_from_peft_model(s.accelerator.unwrap_model(model)).items()
+    }
+    return LoraFile(modules, adapter_facts(s, step).to_metadata())
 
 
 def adapter_facts(s: Session, step: int) -> AdapterFacts:
@@ -279,6 +287,9 @@ def adapter_facts(s: Session, step: int) -> AdapterFacts:
         image_count=len(s.items),
         text_encoder=config.text_encoder,
         seed=config.seed,
+        network=config.network,
+        dora=config.dora,
+        rslora=config.rslora,
         tag_frequency=json.dumps(tag_frequency(s.items)),
     )
 
@@ -448,15 +459,8 @@ def _trainable_parts(
 def _optimizer(
     config: TrainConfig, parts: dict[str, torch.nn.Module], device: torch.device
 ) -> tuple[torch.optim.Optimizer, LRScheduler, list[torch.nn.Parameter]]:
-    """The optimizer over the adapter weights (one group per part, for --text-encoder-lr), its schedule,
-    and the parameters it updates."""
-    groups = [
-        {
-            "params": [p for p in model.parameters() if p.requires_grad],
-            "lr": config.lr if part == "unet" else config.text_encoder_lr or config.lr,
-        }
-        for part, model in parts.items()
-    ]
+    """The optimizer over the adapter weights, its schedule, and the parameters it updates."""
+    groups = param_groups(config, parts)
     optimizer = make_optimizer(config, groups, device)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
@@ -503,8 +507,9 @@ def _resume(s: Session) -> int:
     if checkpoint is None:
         return 0
     state = load_checkpoint(checkpoint)
-    restore_adapter_state(s.accelerator, s.parts, state.lora)
-    s.optimizer.load_state_dict(state.optimizer)
+    with evaluation_weights(s.optimizer):  # checkpoints hold the evaluation weights (schedule-free)
+        restore_adapter_state(s.accelerator, s.parts, state.lora)
+        s.optimizer.load_state_dict(state.optimizer)
     s.lr_scheduler.load_state_dict(state.lr_scheduler)
     torch.set_rng_state(state.rng["torch"])
     s.ctx.rng.set_state(state.rng["noise"])
