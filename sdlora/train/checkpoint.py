@@ -31,8 +31,9 @@ class TrainingState:
     rng: dict[str, torch.Tensor]
 
 
-def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
-    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints."""
+def save_checkpoint(folder: Path, state: TrainingState, keep: int, protect: int | None = None) -> Path:
+    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints and that of step
+    `protect` (the one with the lowest validation loss)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:06d}"
     tmp = folder / f".step-{state.step:06d}.tmp"
@@ -51,8 +52,10 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
             os.fsync(handle.fileno())
     fsync_dir(tmp)
     atomic_replace_dir(tmp, final)
+    kept = folder / f"step-{protect:06d}" if protect is not None else None
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -47,6 +47,7 @@ from sdlora.train.events import (
     SampleEvent,
     StartEvent,
     StepEvent,
+    ValidationEvent,
     WarningEvent,
 )
 from sdlora.train.loss import LossContext, diffusion_loss
@@ -58,6 +59,7 @@ from sdlora.train.result import TrainingError, TrainResult
 from sdlora.train.runs import RunFolder, find_run_to_resume, new_run
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
+from sdlora.train.validation import Validation, needs_validation, split_validation, validation_loss
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Session:
     batches: Iterator[Batch]
     sampler: Generator | None
     start_step: int
+    validation: Validation | None = None
 
 
 def train(
@@ -90,7 +93,7 @@ def train(
     """Train a LoRA adapter as `config` says and write it to a .safetensors file."""
     # Every check that needs no model runs first, so bad input fails fast and loses nothing.
     config.validate()
-    items = scan_folder(config.data_dir, config.prompt)
+    items, validation_items = split_validation(scan_folder(config.data_dir, config.prompt), config)
     base = resolve_base(config.base)
     outputs, name = Outputs(config.outputs), adapter_name(config)
     run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
@@ -101,7 +104,7 @@ def train(
         run = RunFolder(Path(broadcast_object_list(made)[0]))
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
     try:
-        return loop(setup(config, items, base, run, accelerator, events), cancel)
+        return loop(setup(config, items, base, run, accelerator, events, validation_items), cancel)
     except Exception as error:
         events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
         raise
@@ -123,8 +126,10 @@ def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
         step += 1
         loss = train_step(s, step)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
         s.events.emit(step_event(s, step, loss, time.perf_counter() - started))
+        if needs_validation(config, s.validation, step):
+            validate(s, step)
+        progress.set_postfix(progress_figures(s, loss))
 
         cancelled = cancel_requested(s, cancel)
         if needs_checkpoint(config, step, cancelled):
@@ -151,6 +156,23 @@ def needs_sample(config: TrainConfig, step: int) -> bool:
     """Every --sample-every steps and at the last step, when there are sample prompts."""
     wanted = bool(config.sample_prompt and config.sample_every)
     return wanted and (step % config.sample_every == 0 or step == config.steps)
+
+
+def progress_figures(s: Session, loss: float) -> dict[str, str]:
+    """The progress line's numbers: the step's loss, and the latest validation loss once measured."""
+    figures = {"loss": f"{loss:.4f}"}
+    if s.validation and s.validation.losses:
+        figures["val"] = f"{s.validation.losses[max(s.validation.losses)]:.4f}"
+    return figures
+
+
+def validate(s: Session, step: int) -> None:
+    """Measure the validation loss on the evaluation weights and report it with the best so far."""
+    with evaluation_weights(s.optimizer):
+        loss = validation_loss(s.ctx, s.validation.examples, s.parts.values())
+    s.validation.losses[step] = loss
+    best = s.validation.best_step(s.validation.losses)
+    s.events.emit(ValidationEvent(step=step, loss=loss, best_step=best, best_loss=s.validation.losses[best]))
 
 
 def cancel_requested(s: Session, cancel: threading.Event | None) -> bool:
@@ -229,8 +251,15 @@ def save_state(s: Session, step: int) -> None:
             lr_scheduler=s.lr_scheduler.state_dict(),
             rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
         )
-        path = save_checkpoint(s.run.checkpoints, state, keep=s.config.keep_checkpoints)
+        path = save_checkpoint(s.run.checkpoints, state, s.config.keep_checkpoints, _best_step(s, step))
+    if s.validation:
+        s.validation.checkpoints[step] = str(path)
     s.events.emit(CheckpointEvent(step=step, path=str(path)))
+
+
+def _best_step(s: Session, step: int) -> int | None:
+    """The checkpoint step with the lowest validation loss, counting the one being written."""
+    return s.validation.best_step({*s.validation.checkpoints, step}) if s.validation else None
 
 
 def save_samples(s: Session, step: int) -> None:
@@ -247,6 +276,7 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
             write_lora(trained_lora(s, step), s.adapter_path, s.config.adapter_format)
     device = s.accelerator.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    best = s.validation.best_checkpoint if s.validation else None
     s.events.emit(
         DoneEvent(
             step=step,
@@ -254,9 +284,13 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
             loss=loss,
             elapsed_s=round(elapsed, 3),
             peak_gpu_memory_mib=peak,
+            best_checkpoint=best[1] if best else None,
+            best_validation_loss=s.validation.losses[best[0]] if best else None,
         )
     )
-    return TrainResult(s.adapter_path, s.run.path, step, loss, elapsed)
+    return TrainResult(
+        s.adapter_path, s.run.path, step, loss, elapsed, best_checkpoint=Path(best[1]) if best else None
+    )
 
 
 def trained_lora(s: Session, step: int) -> LoraFile:
@@ -309,6 +343,7 @@ def setup(
     run: RunFolder,
     accelerator: Accelerator,
     events: EventLog,
+    validation_items: list[Item],
 ) -> Session:
     """Load the frozen base, add adapter layers, cache what the frozen parts compute, resume; emit 'start'."""
     set_seed(config.seed)
@@ -342,9 +377,12 @@ def setup(
     buckets = make_buckets(resolution, bucket_step(pipe))
     examples = encode_images(pipe.vae, items, buckets, config.flip, device)
     class_examples = encode_images(pipe.vae, class_items, buckets, config.flip, device)
+    validation_examples = encode_images(pipe.vae, validation_items, buckets, False, device)
     pipe.vae.to("cpu")
     cached_text = (
-        None if config.text_encoder else encode_captions(conditioner, examples + class_examples, device)
+        None
+        if config.text_encoder
+        else encode_captions(conditioner, examples + class_examples + validation_examples, device)
     )
 
     # Optimizer and schedule; accelerate handles devices, mixed precision and accumulation.
@@ -386,6 +424,7 @@ def setup(
         batches=training_batches(examples, class_examples, global_batch, config.seed),
         sampler=None,
         start_step=0,
+        validation=Validation(validation_examples) if validation_examples else None,
     )
     s.start_step = _resume(s)
     for _ in range(s.start_step * config.grad_accum):
