@@ -143,6 +143,14 @@ class TrainConfig:
         False, "Channels-last memory layout for the U-Net's convolutions (can help on GPUs with bf16/fp16)."
     )
     compile: bool = option(False, "Compile the U-Net with torch.compile: a slower start for faster steps.")
+    ema: bool = option(
+        False,
+        "Keep an exponential moving average of the adapter weights and save, sample and validate with it: "
+        "steadier results, especially at high learning rates.",
+    )
+    ema_decay: float = option(
+        0.999, "EMA decay per step (reached gradually; 0.99 for runs of a few hundred steps)."
+    )
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (5.0 is the usual value).")
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
     seed: int = option(0, "Random seed; the same seed and settings give the same adapter.")
@@ -221,6 +229,11 @@ class TrainConfig:
         _check(
             self.save_every >= 0 and self.sample_every >= 0,
             "--save-every/--sample-every must not be negative.",
+        )
+        _check(0 < self.ema_decay < 1, "--ema-decay must be between 0 and 1.")
+        _check(
+            not (self.ema and self.optimizer == "adamw-schedulefree"),
+            "--ema with --optimizer adamw-schedulefree: schedule-free already averages its weights; use one.",
         )
         _check(0 <= self.validation_split < 1, "--validation-split must be in [0, 1).")
         _check(

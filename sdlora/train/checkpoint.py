@@ -29,6 +29,7 @@ class TrainingState:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    ema: dict[str, Any] | None = None  # EMAModel.state_dict() when --ema is on
 
 
 def save_checkpoint(folder: Path, state: TrainingState, keep: int, protect: int | None = None) -> Path:
@@ -44,9 +45,14 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int, protect: int 
     opt_tensors, opt_json = _split_optimizer_state(state.optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({k: v.cpu().contiguous() for k, v in state.rng.items()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}, indent=1)
-    )
+    info = {"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}
+    if state.ema is not None:
+        shadow = state.ema["shadow_params"]
+        save_file(
+            {str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, tmp / "ema.safetensors"
+        )
+        info["ema"] = {k: v for k, v in state.ema.items() if k != "shadow_params"}
+    (tmp / "state.json").write_text(json.dumps(info, indent=1))
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -75,7 +81,15 @@ def load_checkpoint(path: Path) -> TrainingState:
         optimizer=_join_optimizer_state(load_file(path / "optimizer.safetensors"), info["optimizer"]),
         lr_scheduler=info["lr_scheduler"],
         rng=load_file(path / "rng.safetensors"),
+        ema=_load_ema(path, info.get("ema")),
     )
+
+
+def _load_ema(path: Path, scalars: dict[str, Any] | None) -> dict[str, Any] | None:
+    if scalars is None:
+        return None
+    shadow = load_file(path / "ema.safetensors")
+    return {**scalars, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]}
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
+from diffusers.training_utils import EMAModel, cast_training_params
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
@@ -36,6 +37,7 @@ from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from sdlora.train.conditioning import TextConditioner
+from sdlora.train.ema import ema_weights, make_ema
 from sdlora.train.events import (
     CancelledEvent,
     CheckpointEvent,
@@ -85,6 +87,7 @@ class Session:
     sampler: Generator | None
     start_step: int
     validation: Validation | None = None
+    ema: EMAModel | None = None
 
 
 def train(
@@ -168,7 +171,7 @@ def progress_figures(s: Session, loss: float) -> dict[str, str]:
 
 def validate(s: Session, step: int) -> None:
     """Measure the validation loss on the evaluation weights and report it with the best so far."""
-    with evaluation_weights(s.optimizer):
+    with evaluation(s):
         loss = validation_loss(s.ctx, s.validation.examples, s.parts.values())
     s.validation.losses[step] = loss
     best = s.validation.best_step(s.validation.losses)
@@ -198,6 +201,8 @@ def train_step(s: Session, step: int) -> float:
             s.optimizer.zero_grad(set_to_none=True)
         loss_value += accelerator.reduce(loss.detach(), "mean").item() / config.grad_accum
     s.lr_scheduler.step()
+    if s.ema is not None:
+        s.ema.step(s.params)
     return loss_value
 
 
@@ -250,6 +255,7 @@ def save_state(s: Session, step: int) -> None:
             optimizer=s.optimizer.state_dict(),
             lr_scheduler=s.lr_scheduler.state_dict(),
             rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
+            ema=s.ema.state_dict() if s.ema is not None else None,
         )
         path = save_checkpoint(s.run.checkpoints, state, s.config.keep_checkpoints, _best_step(s, step))
     if s.validation:
@@ -262,8 +268,16 @@ def _best_step(s: Session, step: int) -> int | None:
     return s.validation.best_step({*s.validation.checkpoints, step}) if s.validation else None
 
 
+@contextmanager
+def evaluation(s: Session) -> Iterator[None]:
+    """The weights to sample, validate and write the adapter with: the EMA's when --ema is on, the
+    schedule-free average with that optimizer, else the trained ones."""
+    with evaluation_weights(s.optimizer), ema_weights(s.ema, s.params):
+        yield
+
+
 def save_samples(s: Session, step: int) -> None:
-    with evaluation_weights(s.optimizer):
+    with evaluation(s):
         paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step)
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
@@ -272,7 +286,7 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
     """The adapter file, with the facts a user will want to see later."""
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
-        with evaluation_weights(s.optimizer):
+        with evaluation(s):
             write_lora(trained_lora(s, step), s.adapter_path, s.config.adapter_format)
     device = s.accelerator.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
@@ -425,6 +439,7 @@ def setup(
         sampler=None,
         start_step=0,
         validation=Validation(validation_examples) if validation_examples else None,
+        ema=make_ema(config, params),
     )
     s.start_step = _resume(s)
     for _ in range(s.start_step * config.grad_accum):
@@ -550,6 +565,9 @@ def _resume(s: Session) -> int:
         restore_adapter_state(s.accelerator, s.parts, state.lora)
         s.optimizer.load_state_dict(state.optimizer)
     s.lr_scheduler.load_state_dict(state.lr_scheduler)
+    if s.ema is not None and state.ema is not None:
+        s.ema.load_state_dict(state.ema)
+        s.ema.to(s.accelerator.device)
     torch.set_rng_state(state.rng["torch"])
     s.ctx.rng.set_state(state.rng["noise"])
     return state.step
