@@ -102,6 +102,18 @@ class TrainConfig:
     )
     conv_rank: int | None = option(None, "LoCon: rank of the convolution adapters. Default: --rank.")
     conv_alpha: float | None = option(None, "LoCon: alpha of the convolution adapters. Default: --conv-rank.")
+    caption_extension: str = option(
+        ".txt", "Extension of the caption files beside the images: .txt (default) or e.g. .caption."
+    )
+    shuffle_tags: bool = option(
+        False, "Shuffle the comma-separated tags of each caption every step (after the first --keep-tokens)."
+    )
+    keep_tokens: int = option(
+        0, "With --shuffle-tags: how many leading tags stay in place (e.g. 1 keeps the trigger word first)."
+    )
+    caption_dropout: float = option(
+        0.0, "Share of steps on which an image's caption is left empty (e.g. 0.05), for better guidance."
+    )
     text_encoder: bool = option(False, "Also train a LoRA on the text encoder.")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --lr.")
     steps: int = option(500, "Optimisation steps.")
@@ -230,6 +242,13 @@ class TrainConfig:
             self.save_every >= 0 and self.sample_every >= 0,
             "--save-every/--sample-every must not be negative.",
         )
+        _check(
+            self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+            "--caption-extension must look like .txt or .caption.",
+        )
+        _check(self.keep_tokens >= 0, "--keep-tokens must not be negative.")
+        _check(not self.keep_tokens or self.shuffle_tags, "--keep-tokens only matters with --shuffle-tags.")
+        _check(0 <= self.caption_dropout < 1, "--caption-dropout must be in [0, 1).")
         _check(0 < self.ema_decay < 1, "--ema-decay must be between 0 and 1.")
         _check(
             not (self.ema and self.optimizer == "adamw-schedulefree"),

@@ -152,4 +152,4 @@ def test_events_keep_their_json_form_and_read_back_typed(tmp_path):
     assert parse_event(old) == DoneEvent(time=1.0, step=4, adapter="a.safetensors", loss=0.1, elapsed_s=2.0)
     assert parse_event({**old, "new_field": 1}) == parse_event(old)
     assert parse_event({"event": "unknown"}) is None and parse_event({"event": "done"}) is None
-    assert len(EVENT_TYPES) == 9 and StartEvent.kind == "start"
+    assert len(EVENT_TYPES) == 10 and "validation" in EVENT_TYPES and StartEvent.kind == "start"

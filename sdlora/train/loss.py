@@ -15,6 +15,7 @@ from diffusers.training_utils import compute_snr
 
 from sdlora.config import TrainConfig
 from sdlora.train.cache import Example
+from sdlora.train.captions import caption_variant, varies_captions
 from sdlora.train.conditioning import Conditioning, TextConditioner
 
 
@@ -92,12 +93,14 @@ def per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) ->
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng, device=device
     )
+    captions = [e.caption for e in group]
+    if varies_captions(config):
+        captions = [caption_variant(c, config, rng) for c in captions]
     index = torch.tensor(keep, dtype=torch.long, device=device)
     latents, noise, timesteps = latents[index], noise[index], timesteps[index]
-    group = [group[i] for i in keep]
+    group, captions = [group[i] for i in keep], [captions[i] for i in keep]
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
-    captions = [e.caption for e in group]
     if ctx.cached_text is not None:
         conditioning = Conditioning.stack([ctx.cached_text[c] for c in captions])
     else:

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
 from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
-from sdlora.data import Item, make_buckets, scan_folder
+from sdlora.data import Item, make_buckets, missing_captions, scan_folder
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
+from sdlora.train.captions import varies_captions
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from sdlora.train.conditioning import TextConditioner
 from sdlora.train.ema import ema_weights, make_ema
@@ -96,7 +97,8 @@ def train(
     """Train a LoRA adapter as `config` says and write it to a .safetensors file."""
     # Every check that needs no model runs first, so bad input fails fast and loses nothing.
     config.validate()
-    items, validation_items = split_validation(scan_folder(config.data_dir, config.prompt), config)
+    scanned = scan_folder(config.data_dir, config.prompt, caption_extension=config.caption_extension)
+    items, validation_items = split_validation(scanned, config)
     base = resolve_base(config.base)
     outputs, name = Outputs(config.outputs), adapter_name(config)
     run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
@@ -106,6 +108,8 @@ def train(
         made = [str(new_run(outputs, name).path) if accelerator.is_main_process else None]
         run = RunFolder(Path(broadcast_object_list(made)[0]))
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
+    for message in missing_captions(scanned, config.caption_extension):
+        _warn(events, message)
     try:
         return loop(setup(config, items, base, run, accelerator, events, validation_items), cancel)
     except Exception as error:
@@ -395,7 +399,7 @@ def setup(
     pipe.vae.to("cpu")
     cached_text = (
         None
-        if config.text_encoder
+        if config.text_encoder or varies_captions(config)  # then each step encodes its own captions
         else encode_captions(conditioner, examples + class_examples + validation_examples, device)
     )
 
@@ -588,6 +592,12 @@ def _start_event(
         mixed_precision=s.accelerator.mixed_precision,
         **asdict(speed),
     )
+
+
+def _warn(events: EventLog, message: str) -> None:
+    """A warning the terminal shows (Python's warnings) and the run's events keep."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    events.emit(WarningEvent(message=message))
 
 
 def _compile(s: Session, first: Batch, speed: Speed) -> Speed:

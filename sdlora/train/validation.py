@@ -46,7 +46,9 @@ def split_validation(items: list[Item], config: TrainConfig) -> tuple[list[Item]
     """(training items, validation items): the --validation-dir images, or a seeded share of the
     training images held out; none when neither option is given."""
     if config.validation_dir:
-        return items, scan_folder(config.validation_dir, config.prompt)
+        return items, scan_folder(
+            config.validation_dir, config.prompt, caption_extension=config.caption_extension
+        )
     if not config.validation_split:
         return items, []
     count = max(1, round(len(items) * config.validation_split))
@@ -73,7 +75,9 @@ def validation_loss(ctx: LossContext, examples: list[Example], parts: Iterable[t
     dropout). Every process computes the whole of it, so all agree without communicating."""
     fixed = replace(
         ctx,
-        config=replace(ctx.config, flip=False, noise_offset=0.0),
+        config=replace(
+            ctx.config, flip=False, noise_offset=0.0, shuffle_tags=False, keep_tokens=0, caption_dropout=0.0
+        ),
         rng=torch.Generator(device=ctx.device).manual_seed(VALIDATION_SEED),
         rank=0,
         world=1,
