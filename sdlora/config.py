@@ -164,6 +164,14 @@ class TrainConfig:
         0.999, "EMA decay per step (reached gradually; 0.99 for runs of a few hundred steps)."
     )
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (5.0 is the usual value).")
+    zero_terminal_snr: bool = option(
+        False,
+        "Rescale the noise schedule to zero terminal SNR, so training sees pure noise at the last step as "
+        "sampling does (true blacks and whites). Needs a v-prediction base.",
+    )
+    debiased_estimation: bool = option(
+        False, "Debiased estimation loss weighting (1/sqrt(SNR)): less weight on the noisiest steps' errors."
+    )
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
     seed: int = option(0, "Random seed; the same seed and settings give the same adapter.")
     save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")

@@ -17,6 +17,7 @@ from sdlora.config import TrainConfig
 from sdlora.train.cache import Example
 from sdlora.train.captions import caption_variant, varies_captions
 from sdlora.train.conditioning import Conditioning, TextConditioner
+from sdlora.train.result import TrainingError
 
 
 @dataclass
@@ -73,6 +74,29 @@ def prediction_target(
     return noise
 
 
+def training_scheduler(config: TrainConfig, base_config: dict) -> DDPMScheduler:
+    """The base's noise schedule, rescaled to zero terminal SNR with --zero-terminal-snr (Lin et al. 2023):
+    the last step is then pure noise, as at sampling time, so the model learns true darks and brights.
+    With no signal left the noise can't be predicted, so that needs a v-prediction base."""
+    if not config.zero_terminal_snr:
+        return DDPMScheduler.from_config(base_config)
+    if base_config.get("prediction_type") != "v_prediction":
+        raise TrainingError(
+            "--zero-terminal-snr needs a v-prediction base (like SD 2.x 768): at zero SNR the last step "
+            f"holds no signal and its noise can't be predicted; this base predicts {base_config.get('prediction_type')}."
+        )
+    return DDPMScheduler.from_config(base_config, rescale_betas_zero_snr=True)
+
+
+def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2023), as kohya applies it: 1/sqrt(SNR) for noise prediction,
+    1/(SNR + 1) for v-prediction, with SNR capped at 1000 where t = 0 makes it huge."""
+    snr = compute_snr(scheduler, timesteps).clamp(max=1000)
+    if scheduler.config.prediction_type == "v_prediction":
+        return 1 / (snr + 1)
+    return 1 / snr.sqrt()
+
+
 def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR, so easy low-noise steps stop dominating;
     for v-prediction the weight is relative to SNR + 1."""
@@ -114,6 +138,8 @@ def per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) ->
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma:
         loss = loss * min_snr_weight(scheduler, timesteps, config.snr_gamma)
+    if config.debiased_estimation:
+        loss = loss * debiased_weight(scheduler, timesteps)
     return loss
 
 

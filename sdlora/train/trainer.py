@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, cast_training_params
 from torch.optim.lr_scheduler import LRScheduler
@@ -53,7 +53,7 @@ from sdlora.train.events import (
     ValidationEvent,
     WarningEvent,
 )
-from sdlora.train.loss import LossContext, diffusion_loss
+from sdlora.train.loss import LossContext, diffusion_loss, training_scheduler
 from sdlora.train.naming import adapter_file, adapter_name
 from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
 from sdlora.train.optimizers import evaluation_weights, make_optimizer, param_groups
@@ -412,7 +412,7 @@ def setup(
         parts["unet"],
         conditioner,
         {part: model for part, model in parts.items() if part != "unet"},
-        DDPMScheduler.from_config(pipe.scheduler.config),
+        training_scheduler(config, pipe.scheduler.config),
         cached_text,
         torch.Generator(device=device).manual_seed(config.seed),
         device,
