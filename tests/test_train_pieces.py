@@ -122,10 +122,11 @@ def test_samples_every_sample_every_steps_and_at_the_end_when_there_are_prompts(
     assert not any(needs_sample(dataclasses.replace(config, sample_every=0), s) for s in range(1, 8))
 
 
-def test_every_optimizer_choice_has_a_builder_and_lora_is_a_network():
+def test_every_optimizer_and_network_choice_has_a_builder():
     choices = next(f for f in dataclasses.fields(TrainConfig) if f.name == "optimizer").metadata["choices"]
     assert set(OPTIMIZERS) == set(choices)
-    assert "lora" in NETWORKS
+    networks = next(f for f in dataclasses.fields(TrainConfig) if f.name == "network").metadata["choices"]
+    assert set(NETWORKS) == set(networks)
 
 
 def test_events_keep_their_json_form_and_read_back_typed(tmp_path):
