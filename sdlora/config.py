@@ -16,6 +16,9 @@ from sdlora.outputs import DEFAULT_OUTPUTS as OUTPUTS_DIR
 # Adapter layouts: single files (kohya: every tool; diffusers: load_lora_weights), and peft's folders. Here rather than in sdlora.adapters so the CLI can offer them without importing torch.
 FILE_FORMATS = ("kohya", "diffusers")
 FORMATS = (*FILE_FORMATS, "peft")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree")
+# Trained network types (sdlora.train.networks has one entry for each).
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
 
 
 class ConfigError(SdloraError, ValueError):
@@ -96,6 +99,36 @@ class TrainConfig:
         "Which attention layers get LoRA: all (self and cross) or cross (attn2 only).",
         choices=("all", "cross"),
     )
+    network: str = option(
+        "lora",
+        "Network type: lora (attention layers), locon (LoRA also on the U-Net's resnet and resampling "
+        "convolutions), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product); all are "
+        "written in the kohya/LyCORIS layout that AUTOMATIC1111, Forge and ComfyUI load.",
+        choices=NETWORK_TYPES,
+    )
+    dora: bool = option(
+        False,
+        "DoRA: also learn each output row's magnitude (LoRA and LoCon); often closer to a full fine-tune.",
+    )
+    rslora: bool = option(
+        False,
+        "rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank, so high ranks still learn (LoRA and LoCon); "
+        "the file holds the equivalent alpha for the usual rule.",
+    )
+    conv_rank: int | None = option(None, "LoCon: rank of the convolution adapters. Default: --rank.")
+    conv_alpha: float | None = option(None, "LoCon: alpha of the convolution adapters. Default: --conv-rank.")
+    caption_extension: str = option(
+        ".txt", "Extension of the caption files beside the images: .txt (default) or e.g. .caption."
+    )
+    shuffle_tags: bool = option(
+        False, "Shuffle the comma-separated tags of each caption every step (after the first --keep-tokens)."
+    )
+    keep_tokens: int = option(
+        0, "With --shuffle-tags: how many leading tags stay in place (e.g. 1 keeps the trigger word first)."
+    )
+    caption_dropout: float = option(
+        0.0, "Share of steps on which an image's caption is left empty (e.g. 0.05), for better guidance."
+    )
     text_encoder: bool = option(False, "Also train a LoRA on the text encoder.")
     text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA. Default: --lr.")
     steps: int = option(500, "Optimisation steps.")
@@ -111,7 +144,16 @@ class TrainConfig:
     )
     warmup_steps: int = option(0, "Learning-rate warm-up steps.")
     optimizer: str = option(
-        "adamw", "Optimizer; adamw8bit needs CUDA and bitsandbytes.", choices=("adamw", "adamw8bit")
+        "adamw",
+        "Optimizer: adamw; adamw8bit (CUDA, bitsandbytes); prodigy (finds its own step size: use --lr 1); "
+        "adafactor (less memory); adamw-schedulefree (no schedule needed: keep --lr-scheduler constant). "
+        "prodigy and adamw-schedulefree install with pip install 'sdlora[optim]'.",
+        choices=OPTIMIZER_NAMES,
+    )
+    loraplus_ratio: float | None = option(
+        None,
+        "LoRA+: train the LoRA B matrices at this many times the learning rate of A (16 is the paper's "
+        "value); often learns faster at the same cost.",
     )
     weight_decay: float = option(1e-2, "AdamW weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 to disable).")
@@ -128,12 +170,41 @@ class TrainConfig:
         False, "Channels-last memory layout for the U-Net's convolutions (can help on GPUs with bf16/fp16)."
     )
     compile: bool = option(False, "Compile the U-Net with torch.compile: a slower start for faster steps.")
+    ema: bool = option(
+        False,
+        "Keep an exponential moving average of the adapter weights and save, sample and validate with it: "
+        "steadier results, especially at high learning rates.",
+    )
+    ema_decay: float = option(
+        0.999, "EMA decay per step (reached gradually; 0.99 for runs of a few hundred steps)."
+    )
     snr_gamma: float | None = option(None, "Min-SNR-gamma loss weighting (5.0 is the usual value).")
+    zero_terminal_snr: bool = option(
+        False,
+        "Rescale the noise schedule to zero terminal SNR, so training sees pure noise at the last step as "
+        "sampling does (true blacks and whites). Needs a v-prediction base.",
+    )
+    debiased_estimation: bool = option(
+        False, "Debiased estimation loss weighting (1/sqrt(SNR)): less weight on the noisiest steps' errors."
+    )
     noise_offset: float = option(0.0, "Noise offset (e.g. 0.05) for darker darks and brighter brights.")
     seed: int = option(0, "Random seed; the same seed and settings give the same adapter.")
     save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = option(3, "How many checkpoints to keep.")
     sample_every: int = option(0, "Make sample images every N steps (0: never).")
+    validation_split: float = option(
+        0.0,
+        "Hold out this share of the training images (e.g. 0.1) and measure the loss on them, to see "
+        "when training starts to overfit.",
+    )
+    validation_dir: str | None = option(
+        None, "Folder of validation images (with captions like the training folder's); instead of a split."
+    )
+    validate_every: int = option(
+        0,
+        "Measure the validation loss every N steps (0: at every checkpoint and at the last step). "
+        "The same noise every time, so the numbers compare.",
+    )
     sample_prompt: list[str] = option([], "Prompt for sample images (repeat the flag for more).", repeat=True)
     resume: str | None = option(
         None,
@@ -152,6 +223,31 @@ class TrainConfig:
         _check(1 <= self.rank <= MAX_RANK, f"--rank must be between 1 and {MAX_RANK}.")
         _check(self.alpha is None or self.alpha > 0, "--alpha must be positive.")
         _check(0 <= self.dropout < 1, "--dropout must be in [0, 1).")
+        _check(self.network in NETWORK_TYPES, f"--network must be one of {', '.join(NETWORK_TYPES)}.")
+        lora_like = self.network in ("lora", "locon")
+        _check(lora_like or not self.dora, f"--dora works with --network lora or locon, not {self.network}.")
+        _check(
+            lora_like or not self.rslora, f"--rslora works with --network lora or locon, not {self.network}."
+        )
+        _check(
+            self.network == "locon" or (self.conv_rank is None and self.conv_alpha is None),
+            "--conv-rank/--conv-alpha need --network locon (only LoCon trains the convolutions).",
+        )
+        _check(self.optimizer in OPTIMIZER_NAMES, f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}.")
+        _check(
+            self.optimizer != "prodigy" or self.lr >= 0.1,
+            "--optimizer prodigy finds its own step size; --lr only scales it: use --lr 1.",
+        )
+        _check(
+            self.optimizer != "adamw-schedulefree" or self.lr_scheduler == "constant",
+            "--optimizer adamw-schedulefree replaces the schedule: keep --lr-scheduler constant "
+            "(--warmup-steps still applies).",
+        )
+        if self.loraplus_ratio is not None:
+            _check(self.loraplus_ratio > 0, "--loraplus-ratio must be positive.")
+            _check(lora_like, f"--loraplus-ratio works with --network lora or locon, not {self.network}.")
+        _check(self.conv_rank is None or self.conv_rank >= 1, "--conv-rank must be at least 1.")
+        _check(self.conv_alpha is None or self.conv_alpha > 0, "--conv-alpha must be positive.")
         _check(1 <= self.steps <= MAX_STEPS, f"--steps must be between 1 and {MAX_STEPS:,}.")
         _check(self.lr > 0, "--lr must be positive.")
         _check(
@@ -186,6 +282,28 @@ class TrainConfig:
             "--save-every/--sample-every must not be negative.",
         )
         _check(
+            self.caption_extension.startswith(".") and len(self.caption_extension) > 1,
+            "--caption-extension must look like .txt or .caption.",
+        )
+        _check(self.keep_tokens >= 0, "--keep-tokens must not be negative.")
+        _check(not self.keep_tokens or self.shuffle_tags, "--keep-tokens only matters with --shuffle-tags.")
+        _check(0 <= self.caption_dropout < 1, "--caption-dropout must be in [0, 1).")
+        _check(0 < self.ema_decay < 1, "--ema-decay must be between 0 and 1.")
+        _check(
+            not (self.ema and self.optimizer == "adamw-schedulefree"),
+            "--ema with --optimizer adamw-schedulefree: schedule-free already averages its weights; use one.",
+        )
+        _check(0 <= self.validation_split < 1, "--validation-split must be in [0, 1).")
+        _check(
+            not (self.validation_split and self.validation_dir),
+            "--validation-split and --validation-dir: give one of them.",
+        )
+        _check(
+            self.validation_dir is None or Path(self.validation_dir).is_dir(),
+            f"--validation-dir: {self.validation_dir!r} is not a folder.",
+        )
+        _check(self.validate_every >= 0, "--validate-every must not be negative.")
+        _check(
             1 <= self.keep_checkpoints <= MAX_KEEP_CHECKPOINTS,
             f"--keep-checkpoints must be between 1 and {MAX_KEEP_CHECKPOINTS}.",
         )
@@ -201,6 +319,14 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)
+
+    @property
+    def conv_lora_rank(self) -> int:
+        return self.conv_rank if self.conv_rank is not None else self.rank
+
+    @property
+    def conv_lora_alpha(self) -> float:
+        return self.conv_alpha if self.conv_alpha is not None else float(self.conv_lora_rank)
 
     @property
     def prior_preservation(self) -> bool:

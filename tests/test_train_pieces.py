@@ -122,10 +122,11 @@ def test_samples_every_sample_every_steps_and_at_the_end_when_there_are_prompts(
     assert not any(needs_sample(dataclasses.replace(config, sample_every=0), s) for s in range(1, 8))
 
 
-def test_every_optimizer_choice_has_a_builder_and_lora_is_a_network():
+def test_every_optimizer_and_network_choice_has_a_builder():
     choices = next(f for f in dataclasses.fields(TrainConfig) if f.name == "optimizer").metadata["choices"]
     assert set(OPTIMIZERS) == set(choices)
-    assert "lora" in NETWORKS
+    networks = next(f for f in dataclasses.fields(TrainConfig) if f.name == "network").metadata["choices"]
+    assert set(NETWORKS) == set(networks)
 
 
 def test_events_keep_their_json_form_and_read_back_typed(tmp_path):
@@ -152,4 +153,4 @@ def test_events_keep_their_json_form_and_read_back_typed(tmp_path):
     assert parse_event(old) == DoneEvent(time=1.0, step=4, adapter="a.safetensors", loss=0.1, elapsed_s=2.0)
     assert parse_event({**old, "new_field": 1}) == parse_event(old)
     assert parse_event({"event": "unknown"}) is None and parse_event({"event": "done"}) is None
-    assert len(EVENT_TYPES) == 10 and StartEvent.kind == "start"
+    assert len(EVENT_TYPES) == 11 and "validation" in EVENT_TYPES and StartEvent.kind == "start"

@@ -49,6 +49,9 @@ class AdapterFacts:
     image_count: int = 0
     text_encoder: bool = False
     seed: int = 0
+    network: str = "lora"  # --network: lora, locon, loha or lokr
+    dora: bool = False
+    rslora: bool = False  # scale alpha/sqrt(rank): `alpha` as given; the file's modules hold alpha*sqrt(rank)
     tag_frequency: str = "{}"  # JSON {tag: count} over the training captions, for kohya's ss_tag_frequency
     epochs: int = 0  # passes over the (repeated) training images
     dataset_dirs: str = "{}"  # JSON {folder: {"n_repeats": r, "img_count": n}}, kohya's ss_dataset_dirs

@@ -484,8 +484,11 @@ def kohya_metadata(lora: LoraFile) -> dict[str, str]:
                 "modelspec.prediction_type": family.modelspec_prediction_type,
             }
         )
-    if not lora.plain_lora:
-        metadata["ss_network_args"] = json.dumps({"algo": network["lycoris.kohya"]})
+    args = {} if lora.plain_lora else {"algo": network["lycoris.kohya"]}
+    if facts and facts.dora:
+        args["dora_wd"] = "True"
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
     return metadata
 
 

@@ -6,6 +6,7 @@ N times per epoch and use `words` as the prompt for images without a caption.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import re
@@ -42,10 +43,10 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
 
 
-def read_caption(image_path: Path) -> str | None:
-    """The same-name .txt caption, decoded whatever its encoding (BOMs, UTF-16, Latin-1); only its first
-    MAX_CAPTION_BYTES are read, so a huge file can't fill memory."""
-    caption_path = image_path.with_suffix(".txt")
+def read_caption(image_path: Path, extension: str = ".txt") -> str | None:
+    """The same-name caption (.txt, or `extension`), decoded whatever its encoding (BOMs, UTF-16, Latin-1);
+    only its first MAX_CAPTION_BYTES are read, so a huge file can't fill memory."""
+    caption_path = image_path.with_suffix(extension)
     if not caption_path.is_file():
         return None
     with open(caption_path, "rb") as handle:
@@ -75,7 +76,9 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = True) -> list[Item]:
+def scan_folder(
+    root: str | Path, prompt: str | None, *, check_images: bool = True, caption_extension: str = ".txt"
+) -> list[Item]:
     """Every usable image under `root` with its caption and repeat count.
 
     Images that can't be decoded are skipped with a warning naming the file; a folder with no
@@ -108,9 +111,11 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
                         path.relative_to(root),
                         first.relative_to(root),
                     )
-            caption = read_caption(path) or default_prompt or prompt
+            caption = read_caption(path, caption_extension) or default_prompt or prompt
             if not caption:
-                raise DataError(f"{path} has no caption (.txt) and no --prompt was given to use instead.")
+                raise DataError(
+                    f"{path} has no caption ({caption_extension}) and no --prompt was given to use instead."
+                )
             items.append(Item(path, caption, repeats))
     if not items:
         raise DataError(
@@ -118,3 +123,33 @@ def scan_folder(root: str | Path, prompt: str | None, *, check_images: bool = Tr
             "(directly inside, or in kohya-style 'N_words' sub-folders)."
         )
     return items
+
+
+def missing_captions(items: list[Item], extension: str = ".txt") -> list[str]:
+    """A warning for each folder whose images have no `extension` caption at all: they all train on the
+    folder's prompt, which is what users whose captions are .caption (or .txt) files did not mean."""
+    warnings = []
+    folders: dict[Path, list[Path]] = {}
+    for item in items:
+        folders.setdefault(item.path.parent, []).append(item.path)
+    for folder, images in folders.items():
+        if any(image.with_suffix(extension).is_file() for image in images):
+            continue
+        others = sorted(
+            {
+                other.suffix
+                for image in images
+                for other in folder.glob(f"{glob.escape(image.stem)}.*")
+                if other.suffix.lower() not in (*IMAGE_EXTENSIONS, extension) and other.is_file()
+            }
+        )
+        hint = (
+            f" Found {', '.join(others)} files with the images' names: give --caption-extension {others[0]}."
+            if others
+            else ""
+        )
+        warnings.append(
+            f"No {extension} caption for any of the {len(images)} images in {folder}: every one trains on the "
+            f"prompt alone.{hint}"
+        )
+    return warnings

@@ -32,10 +32,12 @@ class TrainingState:
     optimizer: dict[str, Any]
     lr_scheduler: dict[str, Any]
     rng: dict[str, torch.Tensor]
+    ema: dict[str, Any] | None = None  # EMAModel.state_dict() when --ema is on
 
 
-def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
-    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints.
+def save_checkpoint(folder: Path, state: TrainingState, keep: int, protect: int | None = None) -> Path:
+    """Write `folder/step-N` atomically and prune all but the newest `keep` checkpoints and that of step
+    `protect` (the one with the lowest validation loss).
 
     On a full or read-only disk nothing half-written is left and `DiskError` says which checkpoint is the
     newest complete one."""
@@ -52,8 +54,10 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kept = folder / f"step-{protect:06d}" if protect is not None else None
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -66,11 +70,14 @@ def _write_state(tmp: Path, state: TrainingState) -> None:
         "optimizer.safetensors": opt_tensors,
         "rng.safetensors": {k: v.cpu().contiguous() for k, v in state.rng.items()},
     }
+    info = {"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}
+    if state.ema is not None:
+        shadow = state.ema["shadow_params"]
+        tensors["ema.safetensors"] = {str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}
+        info["ema"] = {k: v for k, v in state.ema.items() if k != "shadow_params"}
     for name, values in tensors.items():
         (tmp / name).write_bytes(save(values))
-    (tmp / "state.json").write_text(
-        json.dumps({"step": state.step, "optimizer": opt_json, "lr_scheduler": state.lr_scheduler}, indent=1)
-    )
+    (tmp / "state.json").write_text(json.dumps(info, indent=1))
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
@@ -111,7 +118,15 @@ def load_checkpoint(path: Path) -> TrainingState:
         optimizer=_join_optimizer_state(load_file(path / "optimizer.safetensors"), info["optimizer"]),
         lr_scheduler=info["lr_scheduler"],
         rng=load_file(path / "rng.safetensors"),
+        ema=_load_ema(path, info.get("ema")),
     )
+
+
+def _load_ema(path: Path, scalars: dict[str, Any] | None) -> dict[str, Any] | None:
+    if scalars is None:
+        return None
+    shadow = load_file(path / "ema.safetensors")
+    return {**scalars, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]}
 
 
 def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -99,6 +99,17 @@ class CheckpointEvent(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ValidationEvent(Event):
+    """The validation loss at `step` (fixed noise: comparable across steps), and the best step so far."""
+
+    kind: ClassVar[str] = "validation"
+    step: int
+    loss: float
+    best_step: int
+    best_loss: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class SampleEvent(Event):
     kind: ClassVar[str] = "sample"
     step: int
@@ -133,6 +144,8 @@ class DoneEvent(Event):
     loss: float
     elapsed_s: float
     peak_gpu_memory_mib: float | None = None  # CUDA only
+    best_checkpoint: str | None = None  # the checkpoint with the lowest validation loss
+    best_validation_loss: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +161,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         PhaseEvent,
         StepEvent,
         CheckpointEvent,
+        ValidationEvent,
         SampleEvent,
         ClassImagesEvent,
         WarningEvent,

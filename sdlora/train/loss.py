@@ -15,7 +15,9 @@ from diffusers.training_utils import compute_snr
 
 from sdlora.config import TrainConfig
 from sdlora.train.cache import Example
+from sdlora.train.captions import caption_variant, varies_captions
 from sdlora.train.conditioning import Conditioning, TextConditioner
+from sdlora.train.result import TrainingError
 
 
 @dataclass
@@ -46,11 +48,11 @@ def diffusion_loss(ctx: LossContext, instance: list[Example], prior: list[Exampl
     mine = [i for i in range(len(instance)) if i % ctx.world == ctx.rank]
     mine_prior = [i for i in range(len(prior)) if i % ctx.world == ctx.rank]
     if prior and prior[0].mean.shape == instance[0].mean.shape:  # one forward pass when the shapes allow it
-        per_example = _per_example_loss(ctx, instance + prior, mine + [len(instance) + i for i in mine_prior])
+        per_example = per_example_loss(ctx, instance + prior, mine + [len(instance) + i for i in mine_prior])
     else:
         per_example = torch.cat(
             [
-                _per_example_loss(ctx, group, keep)
+                per_example_loss(ctx, group, keep)
                 for group, keep in ((instance, mine), (prior, mine_prior))
                 if group
             ]
@@ -72,6 +74,29 @@ def prediction_target(
     return noise
 
 
+def training_scheduler(config: TrainConfig, base_config: dict) -> DDPMScheduler:
+    """The base's noise schedule, rescaled to zero terminal SNR with --zero-terminal-snr (Lin et al. 2023):
+    the last step is then pure noise, as at sampling time, so the model learns true darks and brights.
+    With no signal left the noise can't be predicted, so that needs a v-prediction base."""
+    if not config.zero_terminal_snr:
+        return DDPMScheduler.from_config(base_config)
+    if base_config.get("prediction_type") != "v_prediction":
+        raise TrainingError(
+            "--zero-terminal-snr needs a v-prediction base (like SD 2.x 768): at zero SNR the last step "
+            f"holds no signal and its noise can't be predicted; this base predicts {base_config.get('prediction_type')}."
+        )
+    return DDPMScheduler.from_config(base_config, rescale_betas_zero_snr=True)
+
+
+def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Debiased estimation (Yu et al. 2023), as kohya applies it: 1/sqrt(SNR) for noise prediction,
+    1/(SNR + 1) for v-prediction, with SNR capped at 1000 where t = 0 makes it huge."""
+    snr = compute_snr(scheduler, timesteps).clamp(max=1000)
+    if scheduler.config.prediction_type == "v_prediction":
+        return 1 / (snr + 1)
+    return 1 / snr.sqrt()
+
+
 def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR, so easy low-noise steps stop dominating;
     for v-prediction the weight is relative to SNR + 1."""
@@ -80,7 +105,7 @@ def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: flo
     return torch.clamp(snr, max=gamma) / (snr + 1 if v_prediction else snr)
 
 
-def _per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -> torch.Tensor:
+def per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -> torch.Tensor:
     """Noise is drawn for the whole group (the same on every process); the U-Net runs on `keep` only."""
     config, scheduler, rng, device = ctx.config, ctx.scheduler, ctx.rng, ctx.device
     latents = torch.stack([_sample_latent(e, config.flip, rng, device) for e in group]) * ctx.vae_scale
@@ -92,12 +117,14 @@ def _per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng, device=device
     )
+    captions = [e.caption for e in group]
+    if varies_captions(config):
+        captions = [caption_variant(c, config, rng) for c in captions]
     index = torch.tensor(keep, dtype=torch.long, device=device)
     latents, noise, timesteps = latents[index], noise[index], timesteps[index]
-    group = [group[i] for i in keep]
+    group, captions = [group[i] for i in keep], [captions[i] for i in keep]
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
-    captions = [e.caption for e in group]
     if ctx.cached_text is not None:
         conditioning = Conditioning.stack([ctx.cached_text[c] for c in captions])
     else:
@@ -111,6 +138,8 @@ def _per_example_loss(ctx: LossContext, group: list[Example], keep: list[int]) -
     loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if config.snr_gamma:
         loss = loss * min_snr_weight(scheduler, timesteps, config.snr_gamma)
+    if config.debiased_estimation:
+        loss = loss * debiased_weight(scheduler, timesteps)
     return loss
 
 

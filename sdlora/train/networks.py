@@ -1,8 +1,9 @@
 """The trained network: which modules get adapter layers (the family table names them), and the peft
 config of each network type.
 
-One entry in `NETWORKS` per type; a new one (LoCon, LoHa, LoKr, DoRA) is a function from the run's
-options and target names to its peft config, added there.
+One entry in `NETWORKS` per `--network` type: a function from the run's options and target names to
+its peft config. DoRA and rsLoRA are options of the LoRA config; the file is written from the live
+layers by `sdlora.adapters.from_peft`.
 """
 
 from __future__ import annotations
@@ -11,27 +12,63 @@ from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, PeftConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from sdlora.config import TrainConfig
 from sdlora.models import family_of
 from sdlora.train.result import TrainingError
 
-NetworkConfig = Callable[[TrainConfig, list[str]], PeftConfig]
+# (run options, linear target names, conv target names) -> the peft config of one part
+NetworkConfig = Callable[[TrainConfig, list[str], list[str]], PeftConfig]
 
 
-def lora_config(config: TrainConfig, targets: list[str]) -> LoraConfig:
+def lora_config(config: TrainConfig, targets: list[str], conv: list[str]) -> LoraConfig:
+    """LoRA, and LoCon when `conv` names convolutions (with their own rank and alpha); DoRA and rsLoRA
+    are peft's own options."""
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.dropout,
         init_lora_weights="gaussian",
-        target_modules=targets,
+        target_modules=targets + conv,
+        rank_pattern={name: config.conv_lora_rank for name in conv},
+        alpha_pattern={name: config.conv_lora_alpha for name in conv},
+        use_dora=config.dora,
+        use_rslora=config.rslora,
     )
 
 
-NETWORKS: dict[str, NetworkConfig] = {"lora": lora_config}
+def loha_config(config: TrainConfig, targets: list[str], conv: list[str]) -> LoHaConfig:
+    return LoHaConfig(
+        r=config.rank, alpha=config.lora_alpha, module_dropout=config.dropout, target_modules=targets
+    )
+
+
+def lokr_config(config: TrainConfig, targets: list[str], conv: list[str]) -> LoKrConfig:
+    return LoKrConfig(
+        r=config.rank, alpha=config.lora_alpha, module_dropout=config.dropout, target_modules=targets
+    )
+
+
+NETWORKS: dict[str, NetworkConfig] = {
+    "lora": lora_config,
+    "locon": lora_config,
+    "loha": loha_config,
+    "lokr": lokr_config,
+}
+# Network types that also adapt the U-Net's convolutions.
+CONV_NETWORKS = frozenset({"locon"})
+
+
+def unet_conv_modules(unet: torch.nn.Module) -> list[str]:
+    """The convolutions kohya's LoCon adapts: those of the resnets and of the down/up-samplers (3x3 and
+    1x1 shortcuts), not the U-Net's first and last."""
+    return sorted(
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d) and (".resnets." in name or "samplers." in name)
+    )
 
 
 def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
@@ -51,18 +88,19 @@ def add_adapters(
     config: TrainConfig,
     unet: torch.nn.Module,
     text_encoders: dict[str, torch.nn.Module],
-    network: str = "lora",
 ) -> dict[str, torch.nn.Module]:
-    """Adapter layers on the U-Net's attention (and the text encoders' when they train).
+    """Adapter layers of the `--network` type on the U-Net's attention (and convolutions for LoCon), and
+    on the text encoders' when they train.
 
     Returns the parts being trained by component name ('unet', 'text_encoder', ...).
     """
-    make_config = NETWORKS[network]
-    unet.add_adapter(make_config(config, unet_target_modules(unet, config.targets)))
+    make_config = NETWORKS[config.network]
+    conv = unet_conv_modules(unet) if config.network in CONV_NETWORKS else []
+    unet.add_adapter(make_config(config, unet_target_modules(unet, config.targets), conv))
     parts = {"unet": unet}
     if config.text_encoder:
         for part, encoder in text_encoders.items():
-            encoder.add_adapter(make_config(config, list(family_of(unet).text_encoder_targets)))
+            encoder.add_adapter(make_config(config, list(family_of(unet).text_encoder_targets), []))
             parts[part] = encoder
     return parts
 

@@ -20,3 +20,4 @@ class TrainResult:
     final_loss: float
     elapsed_s: float
     cancelled: bool = False
+    best_checkpoint: Path | None = None  # lowest validation loss, when validation ran

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,22 +21,24 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import cast_training_params
-from peft.utils import get_peft_model_state_dict
+from diffusers.training_utils import EMAModel, cast_training_params
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm.auto import tqdm
 
-from sdlora.adapters import AdapterFacts, lora_from_peft, trigger_words, write_lora
+from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
+from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
-from sdlora.data import Item, make_buckets, scan_folder
+from sdlora.data import Item, make_buckets, missing_captions, scan_folder
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
+from sdlora.train.captions import varies_captions
 from sdlora.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from sdlora.train.conditioning import TextConditioner
+from sdlora.train.ema import ema_weights, make_ema
 from sdlora.train.events import (
     CancelledEvent,
     CheckpointEvent,
@@ -48,17 +51,19 @@ from sdlora.train.events import (
     SampleEvent,
     StartEvent,
     StepEvent,
+    ValidationEvent,
     WarningEvent,
 )
-from sdlora.train.loss import LossContext, diffusion_loss
+from sdlora.train.loss import LossContext, diffusion_loss, training_scheduler
 from sdlora.train.naming import adapter_file, adapter_name
 from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
-from sdlora.train.optimizers import make_optimizer
+from sdlora.train.optimizers import evaluation_weights, make_optimizer, param_groups
 from sdlora.train.prior import ensure_class_images
 from sdlora.train.result import TrainingError, TrainResult
 from sdlora.train.runs import RunFolder, find_run_to_resume, mark_running, mark_stopped, new_run
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
+from sdlora.train.validation import Validation, needs_validation, split_validation, validation_loss
 
 
 @dataclass
@@ -83,6 +88,8 @@ class Session:
     batches: Iterator[Batch]
     sampler: Generator | None
     start_step: int
+    validation: Validation | None = None
+    ema: EMAModel | None = None
 
 
 def train(
@@ -91,7 +98,8 @@ def train(
     """Train a LoRA adapter as `config` says and write it to a .safetensors file."""
     # Every check that needs no model runs first, so bad input fails fast and loses nothing.
     config.validate()
-    items = scan_folder(config.data_dir, config.prompt)
+    scanned = scan_folder(config.data_dir, config.prompt, caption_extension=config.caption_extension)
+    items, validation_items = split_validation(scanned, config)
     base = resolve_base(config.base)
     outputs, name = Outputs(config.outputs), adapter_name(config)
     run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
@@ -103,9 +111,11 @@ def train(
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         mark_running(run)
+    for message in missing_captions(scanned, config.caption_extension):
+        _warn(events, message)
     try:
         events.emit(PhaseEvent(phase="loading", run=str(run.path)))
-        return loop(setup(config, items, base, run, accelerator, events), cancel)
+        return loop(setup(config, items, base, run, accelerator, events, validation_items), cancel)
     except Exception as error:
         events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
         raise
@@ -129,8 +139,10 @@ def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
         step += 1
         loss = train_step(s, step)
         progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
         s.events.emit(step_event(s, step, loss, time.perf_counter() - started))
+        if needs_validation(config, s.validation, step):
+            validate(s, step)
+        progress.set_postfix(progress_figures(s, loss))
 
         cancelled = cancel_requested(s, cancel)
         if needs_checkpoint(config, step, cancelled):
@@ -159,6 +171,23 @@ def needs_sample(config: TrainConfig, step: int) -> bool:
     return wanted and (step % config.sample_every == 0 or step == config.steps)
 
 
+def progress_figures(s: Session, loss: float) -> dict[str, str]:
+    """The progress line's numbers: the step's loss, and the latest validation loss once measured."""
+    figures = {"loss": f"{loss:.4f}"}
+    if s.validation and s.validation.losses:
+        figures["val"] = f"{s.validation.losses[max(s.validation.losses)]:.4f}"
+    return figures
+
+
+def validate(s: Session, step: int) -> None:
+    """Measure the validation loss on the evaluation weights and report it with the best so far."""
+    with evaluation(s):
+        loss = validation_loss(s.ctx, s.validation.examples, s.parts.values())
+    s.validation.losses[step] = loss
+    best = s.validation.best_step(s.validation.losses)
+    s.events.emit(ValidationEvent(step=step, loss=loss, best_step=best, best_loss=s.validation.losses[best]))
+
+
 def cancel_requested(s: Session, cancel: threading.Event | None) -> bool:
     """The caller's cancel event or the run's CANCEL file; with several processes, all stop at one step."""
     cancelled = (cancel is not None and cancel.is_set()) or s.run.cancel_file.exists()
@@ -182,6 +211,8 @@ def train_step(s: Session, step: int) -> float:
             s.optimizer.zero_grad(set_to_none=True)
         loss_value += accelerator.reduce(loss.detach(), "mean").item() / config.grad_accum
     s.lr_scheduler.step()
+    if s.ema is not None:
+        s.ema.step(s.params)
     return loss_value
 
 
@@ -228,22 +259,42 @@ def save_state(s: Session, step: int) -> None:
     if not s.accelerator.is_main_process:
         return
     s.events.emit(PhaseEvent(phase="saving"))
-    state = TrainingState(
-        step=step,
-        lora=adapter_state(s.accelerator, s.parts),
-        optimizer=s.optimizer.state_dict(),
-        lr_scheduler=s.lr_scheduler.state_dict(),
-        rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
-    )
-    path = save_checkpoint(s.run.checkpoints, state, keep=s.config.keep_checkpoints)
+    with evaluation_weights(s.optimizer):  # written inside: the state's tensors are the live weights
+        state = TrainingState(
+            step=step,
+            lora=adapter_state(s.accelerator, s.parts),
+            optimizer=s.optimizer.state_dict(),
+            lr_scheduler=s.lr_scheduler.state_dict(),
+            rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
+            ema=s.ema.state_dict() if s.ema is not None else None,
+        )
+        path = save_checkpoint(s.run.checkpoints, state, s.config.keep_checkpoints, _best_step(s, step))
+    if s.validation:
+        s.validation.checkpoints[step] = str(path)
     s.events.emit(CheckpointEvent(step=step, path=str(path)))
+
+
+def _best_step(s: Session, step: int) -> int | None:
+    """The checkpoint step with the lowest validation loss, counting the one being written."""
+    return s.validation.best_step({*s.validation.checkpoints, step}) if s.validation else None
+
+
+@contextmanager
+def evaluation(s: Session) -> Iterator[None]:
+    """The weights to sample, validate and write the adapter with: the EMA's when --ema is on, the
+    schedule-free average with that optimizer, else the trained ones."""
+    with evaluation_weights(s.optimizer), ema_weights(s.ema, s.params):
+        yield
 
 
 def save_samples(s: Session, step: int) -> None:
     def progress(done: int, total: int) -> None:
         s.events.emit(PhaseEvent(phase="samples", done=done, total=total))
 
-    paths = make_samples(s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step, progress)
+    with evaluation(s):
+        paths = make_samples(
+            s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step, progress
+        )
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
 
@@ -252,14 +303,11 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
         s.events.emit(PhaseEvent(phase="saving"))
-        weights = {
-            part: (get_peft_model_state_dict(s.accelerator.unwrap_model(model)), s.config.lora_alpha)
-            for part, model in s.parts.items()
-        }
-        lora = lora_from_peft(weights, adapter_facts(s, step).to_metadata())
-        write_lora(lora, s.adapter_path, s.config.adapter_format)
+        with evaluation(s):
+            write_lora(trained_lora(s, step), s.adapter_path, s.config.adapter_format)
     device = s.accelerator.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    best = s.validation.best_checkpoint if s.validation else None
     s.events.emit(
         DoneEvent(
             step=step,
@@ -267,9 +315,23 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
             loss=loss,
             elapsed_s=round(elapsed, 3),
             peak_gpu_memory_mib=peak,
+            best_checkpoint=best[1] if best else None,
+            best_validation_loss=s.validation.losses[best[0]] if best else None,
         )
     )
-    return TrainResult(s.adapter_path, s.run.path, step, loss, elapsed)
+    return TrainResult(
+        s.adapter_path, s.run.path, step, loss, elapsed, best_checkpoint=Path(best[1]) if best else None
+    )
+
+
+def trained_lora(s: Session, step: int) -> LoraFile:
+    """The trained layers as neutral modules (any network type), with the run's facts."""
+    modules = {
+        f"{part}.{name}": module
+        for part, model in s.parts.items()
+        for name, module in modules_from_peft_model(s.accelerator.unwrap_model(model)).items()
+    }
+    return LoraFile(modules, adapter_facts(s, step).to_metadata())
 
 
 def adapter_facts(s: Session, step: int) -> AdapterFacts:
@@ -290,6 +352,9 @@ def adapter_facts(s: Session, step: int) -> AdapterFacts:
         image_count=len(s.items),
         text_encoder=config.text_encoder,
         seed=config.seed,
+        network=config.network,
+        dora=config.dora,
+        rslora=config.rslora,
         tag_frequency=json.dumps(tag_frequency(s.items)),
     )
 
@@ -309,6 +374,7 @@ def setup(
     run: RunFolder,
     accelerator: Accelerator,
     events: EventLog,
+    validation_items: list[Item],
 ) -> Session:
     """Load the frozen base, add adapter layers, cache what the frozen parts compute, resume; emit 'start'."""
     set_seed(config.seed)
@@ -343,9 +409,12 @@ def setup(
     buckets = make_buckets(resolution, bucket_step(pipe))
     examples = encode_images(pipe.vae, items, buckets, config.flip, device)
     class_examples = encode_images(pipe.vae, class_items, buckets, config.flip, device)
+    validation_examples = encode_images(pipe.vae, validation_items, buckets, False, device)
     pipe.vae.to("cpu")
     cached_text = (
-        None if config.text_encoder else encode_captions(conditioner, examples + class_examples, device)
+        None
+        if config.text_encoder or varies_captions(config)  # then each step encodes its own captions
+        else encode_captions(conditioner, examples + class_examples + validation_examples, device)
     )
 
     # Optimizer and schedule; accelerate handles devices, mixed precision and accumulation.
@@ -357,7 +426,7 @@ def setup(
         parts["unet"],
         conditioner,
         {part: model for part, model in parts.items() if part != "unet"},
-        DDPMScheduler.from_config(pipe.scheduler.config),
+        training_scheduler(config, pipe.scheduler.config),
         cached_text,
         torch.Generator(device=device).manual_seed(config.seed),
         device,
@@ -387,6 +456,8 @@ def setup(
         batches=training_batches(examples, class_examples, global_batch, config.seed),
         sampler=None,
         start_step=0,
+        validation=Validation(validation_examples) if validation_examples else None,
+        ema=make_ema(config, params),
     )
     s.start_step = _resume(s)
     for _ in range(s.start_step * config.grad_accum):
@@ -460,15 +531,8 @@ def _trainable_parts(
 def _optimizer(
     config: TrainConfig, parts: dict[str, torch.nn.Module], device: torch.device
 ) -> tuple[torch.optim.Optimizer, LRScheduler, list[torch.nn.Parameter]]:
-    """The optimizer over the adapter weights (one group per part, for --text-encoder-lr), its schedule,
-    and the parameters it updates."""
-    groups = [
-        {
-            "params": [p for p in model.parameters() if p.requires_grad],
-            "lr": config.lr if part == "unet" else config.text_encoder_lr or config.lr,
-        }
-        for part, model in parts.items()
-    ]
+    """The optimizer over the adapter weights, its schedule, and the parameters it updates."""
+    groups = param_groups(config, parts)
     optimizer = make_optimizer(config, groups, device)
     lr_scheduler = get_scheduler(
         config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps
@@ -518,9 +582,13 @@ def _resume(s: Session) -> int:
     if checkpoint is None:
         return 0
     state = load_checkpoint(checkpoint)
-    restore_adapter_state(s.accelerator, s.parts, state.lora)
-    s.optimizer.load_state_dict(state.optimizer)
+    with evaluation_weights(s.optimizer):  # checkpoints hold the evaluation weights (schedule-free)
+        restore_adapter_state(s.accelerator, s.parts, state.lora)
+        s.optimizer.load_state_dict(state.optimizer)
     s.lr_scheduler.load_state_dict(state.lr_scheduler)
+    if s.ema is not None and state.ema is not None:
+        s.ema.load_state_dict(state.ema)
+        s.ema.to(s.accelerator.device)
     torch.set_rng_state(state.rng["torch"])
     s.ctx.rng.set_state(state.rng["noise"])
     return state.step
@@ -541,6 +609,12 @@ def _start_event(
         mixed_precision=s.accelerator.mixed_precision,
         **asdict(speed),
     )
+
+
+def _warn(events: EventLog, message: str) -> None:
+    """A warning the terminal shows (Python's warnings) and the run's events keep."""
+    warnings.warn(message, UserWarning, stacklevel=3)
+    events.emit(WarningEvent(message=message))
 
 
 def _compile(s: Session, first: Batch, speed: Speed) -> Speed:
