@@ -10,8 +10,8 @@ import errno
 import hashlib
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -22,6 +22,7 @@ from sdlora.errors import SdloraError
 _UNSAFE_NAME = re.compile(r"[^\w.-]+", re.UNICODE)
 # File systems limit a name to 255 bytes; a safe name stays well below so a suffix and a stamp still fit.
 MAX_NAME_BYTES = 100
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "over its quota", errno.EROFS: "read-only"}
 
 
@@ -50,55 +51,61 @@ def disk_errors(folder: str | os.PathLike, kept: str = "") -> Iterator[None]:
         yield
     except DiskError:
         raise
-    except OSError as error:
-        problem = disk_problem(error, folder)
+    except Exception as error:
+        code = _errno_of(error)
+        problem = disk_problem(OSError(code, str(error)), folder) if code else None
         if problem is None:
             raise
-        advice = "Free some space" if error.errno in (errno.ENOSPC, errno.EDQUOT) else "Make it writable"
+        advice = "Free some space" if code in (errno.ENOSPC, errno.EDQUOT) else "Make it writable"
         message = f"Can't save: {problem.strerror}. {advice} and try again."
-        raise DiskError(error.errno, f"{message} {kept}".strip()) from error
+        raise DiskError(code, f"{message} {kept}".strip()) from error
+
+
+def _errno_of(error: Exception) -> int | None:
+    """The errno of an OSError, or of a Rust-backed library's error (safetensors says "(os error 28)")."""
+    if isinstance(error, OSError):
+        return error.errno
+    found = _RUST_OS_ERROR.search(str(error))
+    return int(found.group(1)) if found else None
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, kept: str | None = None) -> Iterator[Path]:
+    """A temporary path beside `path` to write the whole file to; when the block ends it is fsynced and
+    renamed to `path`, and if the block fails it is removed.
+
+    A reader sees the previous file or the complete new one, never a partial write, even if the process
+    is killed or the disk fills up half-way; a full or read-only disk is a `DiskError` naming the folder
+    and what was `kept` (by default: nothing else was changed).
+    """
+    path = Path(path)
+    with disk_errors(path.parent, kept or f"{path.name} was not written; nothing else was changed."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as any file
+        try:
+            yield tmp
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, fsync, then rename.
-
-    A reader sees either the previous file or the complete new one, never a partial write,
-    even if the process is killed or the disk fills up half-way.
-    """
-    path = Path(path)
-    with disk_errors(path.parent, f"{path.name} was not written; nothing else was changed."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    fsync_dir(path.parent)
-    return path
+    """Write `data` to `path` atomically (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Copy a file to `path` through a temporary file beside it, so a full disk leaves no partial copy."""
-    path = Path(path)
-    with disk_errors(path.parent, f"{path.name} was not written; nothing else was changed."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle, open(source, "rb") as original:
-                shutil.copyfileobj(original, handle, 1024 * 1024)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    fsync_dir(path.parent)
-    return path
+    """Copy a file to `path` atomically, so a full disk leaves no partial copy."""
+    with atomic_file(path) as tmp:
+        shutil.copyfile(source, tmp)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

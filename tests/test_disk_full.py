@@ -152,3 +152,23 @@ def test_resume_ignores_a_checkpoint_folder_missing_a_file(tmp_path):
     (newer / "state.json").unlink()  # as a copy cut short, or an older version's crash, would leave it
     (folder / ".step-000030.tmp").mkdir()
     assert list_checkpoints(folder) == [good]
+
+
+def test_a_single_file_model_that_does_not_fit_leaves_no_partial_file(small_disk):
+    from sdlora.models.single_file import save_single_file
+    from tests.tiny_models import tiny_pipeline
+
+    # safetensors writes the file itself and reports the full disk in its own error type.
+    with pytest.raises(DiskError, match=rf"{small_disk} is full.*tiny.safetensors was not written"):
+        save_single_file(tiny_pipeline(seed=3), small_disk / "tiny.safetensors", dtype=torch.float32)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_finished_files_get_the_usual_permissions(tmp_path):
+    """Written through a temporary file, but readable by others as any new file is (umask 022)."""
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir()] == ["a.bin"]

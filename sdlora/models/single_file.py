@@ -22,7 +22,6 @@ import gzip
 import inspect
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
@@ -40,7 +39,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sdlora.errors import SdloraError
-from sdlora.files import fsync_dir
+from sdlora.files import atomic_file
 from sdlora.models.families import FAMILIES, Family, TextEncoder, family_of
 
 log = logging.getLogger(__name__)
@@ -302,21 +301,8 @@ def save_single_file(
     if tokenizers:
         info[TOKENIZERS_KEY] = json.dumps(tokenizers, sort_keys=True)
     info.update(metadata or {})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as a plainly created file, not mkstemp's owner-only
-    try:
+    with atomic_file(path) as tmp:
         save_file(state, tmp, metadata=info)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
     return path
 
 
