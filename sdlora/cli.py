@@ -8,11 +8,14 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -136,18 +139,47 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from sdlora.train import train
+    from sdlora.train.runs import RunFolder
 
     config = train_config_from_args(args)
     if not config.base:
         _say_demo_model()
-    result = train(config)
+    cancel = threading.Event()
+    with cancel_on_interrupt(cancel):
+        result = train(config, cancel=cancel)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun / accelerate launch, the main process reports
+    if result.cancelled:
+        checkpoint = RunFolder(result.run).latest_checkpoint()
+        then = f"continue with --resume {result.run}" if checkpoint else "run it again to start over"
+        print(f"Cancelled after {result.steps} steps (run folder: {result.run}); {then}.")
+        return 130
     print(
         f"Adapter: {result.adapter}  (run folder: {result.run}, {result.steps} steps, "
         f"final loss {result.final_loss:.4f}, {result.elapsed_s:.1f} s)"
     )
     return 0
+
+
+@contextmanager
+def cancel_on_interrupt(cancel: threading.Event) -> Iterator[None]:
+    """The first Ctrl+C sets `cancel`: training stops after its step, or between class or sample images,
+    and keeps a checkpoint; a second Ctrl+C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum: int, frame: types.FrameType | None) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("\nStopping after this step or image; press Ctrl+C again to quit at once.", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

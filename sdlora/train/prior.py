@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from sdlora.data import list_images
 from sdlora.files import atomic_write_text
 from sdlora.generate import GenerationParams, Generator, save_png
+from sdlora.train.result import CancelledBeforeTraining
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,14 @@ def ensure_class_images(
     steps: int = 25,
     guidance: float = 5.0,
     on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[Path], int]:
     """Make sure `folder` holds at least `count` class images; returns (the images to use, how many were made).
 
     Missing images are generated from the class prompt with one seed per image and saved atomically
     with a caption, so an interrupted run keeps what it made and a second run makes none.
-    `on_progress(made, missing)` is called after each image.
+    `on_progress(made, missing)` is called after each image; `should_stop()` is asked before each one, and
+    when it says yes `CancelledBeforeTraining` is raised, the images made so far staying in `folder`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     existing = list_images(folder)
@@ -43,6 +46,11 @@ def ensure_class_images(
         taken = {p.stem for p in existing}
         index = 0
         for made in tqdm(range(missing), desc="class images", leave=False):
+            if should_stop and should_stop():
+                raise CancelledBeforeTraining(
+                    f"Cancelled while making class images: {len(existing) + made} of {count} are kept in "
+                    f"{folder}; a new run with the same class prompt and base makes only the rest."
+                )
             while f"class-{index:05d}" in taken:
                 index += 1
             params = GenerationParams(

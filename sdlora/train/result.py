@@ -21,3 +21,8 @@ class TrainResult:
     elapsed_s: float
     cancelled: bool = False
     best_checkpoint: Path | None = None  # lowest validation loss, when validation ran
+
+
+class CancelledBeforeTraining(Exception):  # noqa: N818 - a way to end, not a failure
+    """A cancel asked before the first step (between class images): `train` ends the run as cancelled and
+    warns with this message, which says what was kept."""

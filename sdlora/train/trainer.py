@@ -12,7 +12,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,6 +31,7 @@ from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
 from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, missing_captions, scan_folder
+from sdlora.files import DiskError
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.outputs import Outputs
@@ -59,7 +60,7 @@ from sdlora.train.naming import adapter_file, adapter_name
 from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
 from sdlora.train.optimizers import evaluation_weights, make_optimizer, param_groups
 from sdlora.train.prior import ensure_class_images
-from sdlora.train.result import TrainingError, TrainResult
+from sdlora.train.result import CancelledBeforeTraining, TrainingError, TrainResult
 from sdlora.train.runs import RunFolder, find_run_to_resume, mark_running, mark_stopped, new_run
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
@@ -110,12 +111,17 @@ def train(
         run = RunFolder(Path(broadcast_object_list(made)[0]))
     events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
+        run.cancel_file.unlink(missing_ok=True)  # a request that stopped the run before is done with
         mark_running(run)
     for message in missing_captions(scanned, config.caption_extension):
         _warn(events, message)
     try:
         events.emit(PhaseEvent(phase="loading", run=str(run.path)))
-        return loop(setup(config, items, base, run, accelerator, events, validation_items), cancel)
+        return loop(setup(config, items, base, run, accelerator, events, validation_items, cancel), cancel)
+    except CancelledBeforeTraining as stopped:
+        _warn(events, str(stopped))
+        events.emit(CancelledEvent(step=0))
+        return TrainResult(adapter_file(config), run.path, 0, float("nan"), 0.0, cancelled=True)
     except Exception as error:
         events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
         raise
@@ -143,12 +149,13 @@ def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
         if needs_validation(config, s.validation, step):
             validate(s, step)
         progress.set_postfix(progress_figures(s, loss))
+        if needs_sample(config, step) and s.accelerator.is_main_process:
+            save_samples(s, step, cancel)
 
-        cancelled = cancel_requested(s, cancel)
+        # A cancel at the last step changes nothing: every step is trained, so the adapter is written.
+        cancelled = cancel_requested(s, cancel) and step < config.steps
         if needs_checkpoint(config, step, cancelled):
             save_state(s, step)
-        if needs_sample(config, step) and s.accelerator.is_main_process:
-            save_samples(s, step)
     progress.close()
 
     if cancelled:
@@ -188,9 +195,14 @@ def validate(s: Session, step: int) -> None:
     s.events.emit(ValidationEvent(step=step, loss=loss, best_step=best, best_loss=s.validation.losses[best]))
 
 
+def stop_asked(run: RunFolder, cancel: threading.Event | None) -> Callable[[], bool]:
+    """Whether the caller's cancel event is set or the run's CANCEL file exists: asked between images."""
+    return lambda: (cancel is not None and cancel.is_set()) or run.cancel_file.exists()
+
+
 def cancel_requested(s: Session, cancel: threading.Event | None) -> bool:
     """The caller's cancel event or the run's CANCEL file; with several processes, all stop at one step."""
-    cancelled = (cancel is not None and cancel.is_set()) or s.run.cancel_file.exists()
+    cancelled = stop_asked(s.run, cancel)()
     if s.accelerator.num_processes > 1:
         flag = torch.tensor(float(cancelled), device=s.accelerator.device)
         cancelled = bool(s.accelerator.reduce(flag, "sum").item() > 0)
@@ -287,14 +299,28 @@ def evaluation(s: Session) -> Iterator[None]:
         yield
 
 
-def save_samples(s: Session, step: int) -> None:
+def save_samples(s: Session, step: int, cancel: threading.Event | None) -> None:
+    """The sample images of this step; a cancel stops them between images, and a full or read-only disk
+    skips them with a warning (they are a view of the training, which goes on)."""
+
     def progress(done: int, total: int) -> None:
         s.events.emit(PhaseEvent(phase="samples", done=done, total=total))
 
-    with evaluation(s):
-        paths = make_samples(
-            s.sampler, s.parts.values(), s.config, s.resolution, s.run.samples, step, progress
-        )
+    try:
+        with evaluation(s):
+            paths = make_samples(
+                s.sampler,
+                s.parts.values(),
+                s.config,
+                s.resolution,
+                s.run.samples,
+                step,
+                progress,
+                should_stop=stop_asked(s.run, cancel),
+            )
+    except DiskError as error:
+        _warn(s.events, f"{error} The samples of step {step} were skipped.")
+        return
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
 
@@ -375,6 +401,7 @@ def setup(
     accelerator: Accelerator,
     events: EventLog,
     validation_items: list[Item],
+    cancel: threading.Event | None = None,
 ) -> Session:
     """Load the frozen base, add adapter layers, cache what the frozen parts compute, resume; emit 'start'."""
     set_seed(config.seed)
@@ -398,7 +425,7 @@ def setup(
         family=family,
         mixed_precision=accelerator.mixed_precision,
     )
-    class_items = _class_items(config, pipe, base, resolution, accelerator, events)
+    class_items = _class_items(config, pipe, base, resolution, accelerator, events, stop_asked(run, cancel))
 
     # Adapter layers: the only weights that train.
     parts = _trainable_parts(config, pipe, conditioner, weight_dtype)
@@ -547,8 +574,12 @@ def _class_items(
     resolution: int,
     accelerator: Accelerator,
     events: EventLog,
+    should_stop: Callable[[], bool],
 ) -> list[Item]:
-    """Class images for prior preservation, generated by the frozen base before any adapter exists."""
+    """Class images for prior preservation, generated by the frozen base before any adapter exists.
+
+    The main process makes the missing ones and decides for all whether a cancel stopped it; the
+    others then find them made."""
     if not config.prior_preservation:
         return []
     class_dir = (
@@ -556,8 +587,9 @@ def _class_items(
         if config.class_dir
         else Outputs(config.outputs).class_images(base, config.class_prompt, resolution)
     )
-    with accelerator.main_process_first():
-        paths, made = ensure_class_images(
+
+    def ensure(stop: Callable[[], bool] | None) -> tuple[list[Path], int]:
+        return ensure_class_images(
             pipe,
             config.class_prompt,
             class_dir,
@@ -568,16 +600,27 @@ def _class_items(
             on_progress=lambda done, total: events.emit(
                 PhaseEvent(phase="class_images", done=done, total=total)
             ),
+            should_stop=stop,
         )
+
+    stopped = None
+    if accelerator.is_main_process:
+        try:
+            paths, made = ensure(should_stop)
+        except CancelledBeforeTraining as cancelled:
+            stopped = str(cancelled)
+    stopped = broadcast_object_list([stopped])[0]
+    if stopped:
+        raise CancelledBeforeTraining(stopped)
+    if not accelerator.is_main_process:
+        paths, made = ensure(None)
     events.emit(ClassImagesEvent(folder=str(class_dir), count=len(paths), generated=made))
     return [Item(p, config.class_prompt) for p in paths]
 
 
 def _resume(s: Session) -> int:
     """The step to start from: that of the newest checkpoint when resuming, whose state is loaded, else 0."""
-    if s.accelerator.is_main_process:
-        s.run.cancel_file.unlink(missing_ok=True)  # a request that stopped the run before is done with
-    s.accelerator.wait_for_everyone()
+    s.accelerator.wait_for_everyone()  # the main process removed an earlier cancel request (`train`)
     checkpoint = s.run.latest_checkpoint() if s.config.resume else None
     if checkpoint is None:
         return 0
