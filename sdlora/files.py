@@ -12,13 +12,16 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 from sdlora.errors import SdloraError
 
+T = TypeVar("T")
 _UNSAFE_NAME = re.compile(r"[^\w.-]+", re.UNICODE)
 # File systems limit a name to 255 bytes; a safe name stays well below so a suffix and a stamp still fit.
 MAX_NAME_BYTES = 100
@@ -106,6 +109,38 @@ def atomic_copy(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     with atomic_file(path) as tmp:
         shutil.copyfile(source, tmp)
     return Path(path)
+
+
+def retry_until_written(
+    write: Callable[[], T],
+    *,
+    wait_s: float,
+    every_s: float,
+    on_first_failure: Callable[[DiskError], None],
+    should_stop: Callable[[], bool],
+) -> T:
+    """`write()`, tried again every `every_s` seconds while it fails on a full or read-only disk, so a
+    user who frees space (or makes the folder writable) gets the file without losing what is in memory.
+
+    Gives up after `wait_s` seconds or as soon as `should_stop()` says so, raising the last `DiskError`.
+    """
+    deadline = time.monotonic() + wait_s
+    try:
+        return write()
+    except DiskError as error:
+        on_first_failure(error)
+        last = error
+    while time.monotonic() < deadline:
+        retry_at = min(time.monotonic() + every_s, deadline)
+        while time.monotonic() < retry_at:
+            if should_stop():
+                raise last
+            time.sleep(min(0.1, every_s))
+        try:
+            return write()
+        except DiskError as error:
+            last = error
+    raise last
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

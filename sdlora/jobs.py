@@ -315,6 +315,8 @@ def _phase_line(phase: PhaseEvent | None) -> str:
             return f"drawing samples{counted}…"
         case "saving":
             return "saving…"
+        case "waiting_for_disk":
+            return "can't save: the disk is full or read-only; free some space, saving is tried again…"
         case other:
             return f"{other}{counted}…"
 

@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,13 +22,17 @@ import pytest
 import torch
 from PIL import Image
 
+from sdlora.adapters import read_adapter, summarize
 from sdlora.adapters.library import import_adapter
+from sdlora.cli import main
 from sdlora.data.uploads import stage_upload
 from sdlora.files import DiskError, atomic_write_bytes
 from sdlora.generate.studio import Studio
 from sdlora.outputs import Outputs
+from sdlora.train import trainer
 from sdlora.train.checkpoint import TrainingState, list_checkpoints, save_checkpoint
-from tests.conftest import draw_blob
+from sdlora.train.runs import RunState, checkpoint_adapter, run_info
+from tests.conftest import draw_blob, train_config
 
 MiB = 1024 * 1024
 pytestmark = [
@@ -54,6 +59,28 @@ def small_disk(tmp_path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def run_disk(tmp_path, monkeypatch) -> Iterator[Path]:
+    """A real 8 MiB file system for a training run's outputs, with the final save's wait made short and
+    the system's temporary folder (where an unsaved adapter goes) kept in the test's folder."""
+    folder = tmp_path / "outputs"
+    folder.mkdir()
+    if not _mount(folder, "size=8m"):
+        pytest.skip("needs root and tmpfs mounts to make a real small file system")
+    monkeypatch.setattr(trainer, "SAVE_WAIT_S", 0.5)
+    monkeypatch.setattr(trainer, "SAVE_RETRY_S", 0.05)
+    (tmp_path / "system-tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-tmp"))
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _half_written(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
 
 
 def _fill(folder: Path, leave: int = 0) -> None:
@@ -172,3 +199,101 @@ def test_finished_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+def test_a_full_disk_at_the_final_save_waits_and_saves_once_space_is_freed(run_disk, tiny_base, blob_folder):
+    seen = []
+
+    def user(event) -> None:
+        seen.append(event)
+        if event.kind == "phase" and event.phase == "saving":  # the final save: no checkpoints asked
+            _fill(run_disk)
+        if event.kind == "warning" and "is full" in event.message:
+            (run_disk / "ballast").unlink()  # the user frees some space while the weights wait
+
+    result = trainer.train(train_config(blob_folder, tiny_base, run_disk, steps=3), on_event=user)
+    assert summarize(result.adapter)["facts"]["steps"] == 3 and not _half_written(run_disk)
+    warning = next(e.message for e in seen if e.kind == "warning")
+    assert f"{run_disk / 'adapters'} is full" in warning and "kept in memory" in warning
+    assert [e.phase for e in seen if e.kind == "phase"][-1] == "waiting_for_disk" and seen[-1].kind == "done"
+
+
+def test_a_disk_that_stays_full_keeps_the_last_checkpoint_and_a_copy_of_the_adapter(
+    run_disk, tiny_base, blob_folder, tmp_path
+):
+    def user(event) -> None:
+        if event.kind == "checkpoint" and event.step == 4:
+            _fill(run_disk)
+
+    config = train_config(blob_folder, tiny_base, run_disk, steps=4, save_every=2, name="full")
+    with pytest.raises(DiskError) as caught:
+        trainer.train(config, on_event=user)
+    run = Outputs(run_disk).run_dirs("full")[0]
+    message = str(caught.value)
+    [rescue] = (tmp_path / "system-tmp").glob("sdlora-unsaved-*/full.safetensors")
+    assert message.startswith(f"Can't save: {run_disk / 'adapters'} is full. Free some space and try again.")
+    assert f"Kept: the checkpoint {run / 'checkpoints' / 'step-000004'}" in message
+    assert f"--resume {run}" in message and f"the adapter, in {rescue}" in message and "Errno" not in message
+    assert not (run_disk / "adapters" / "full.safetensors").exists() and not _half_written(run_disk)
+    assert summarize(rescue)["facts"]["steps"] == 4
+
+    # Space freed, the Runs tab's "Make an adapter of it" turns the last checkpoint into the same adapter.
+    (run_disk / "ballast").unlink()
+    info = run_info(run)
+    assert info.state is RunState.FAILED and info.resumable
+    saved, kept = (
+        read_adapter(checkpoint_adapter(info.folder, info.checkpoints[-1], Outputs(run_disk)))[0],
+        read_adapter(rescue)[0],
+    )
+    assert saved.keys() == kept.keys()
+    for key in kept:
+        torch.testing.assert_close(saved[key], kept[key])
+
+
+def test_an_outputs_folder_turned_read_only_mid_run_ends_with_a_plain_message(
+    run_disk, tiny_base, blob_folder, tmp_path, monkeypatch, capsys
+):
+    """Root ignores file modes (and the tests run as root), so the outputs folder is made read-only the
+    way an administrator or a failing disk would: its file system is remounted read-only."""
+    step = trainer.train_step
+
+    def remount_at_step_2(s, number):
+        if number == 2:
+            subprocess.run(["mount", "-o", "remount,ro", str(run_disk)], check=True)
+        return step(s, number)
+
+    monkeypatch.setattr(trainer, "train_step", remount_at_step_2)
+    with pytest.warns(UserWarning) as warned:  # what the terminal shows on the way
+        code = main(
+            [
+                "train",
+                str(blob_folder),
+                "--base",
+                tiny_base,
+                "--outputs",
+                str(run_disk),
+                "--prompt",
+                "a photo of sks blob",
+                "--name",
+                "ro",
+                "--steps",
+                "4",
+                "--save-every",
+                "2",
+                "--sample-every",
+                "2",
+                "--sample-prompt",
+                "a sks blob",
+            ]
+        )
+    err = capsys.readouterr().err
+    [rescue] = (tmp_path / "system-tmp").glob("sdlora-unsaved-*/ro.safetensors")
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(
+        f"sdlora: error: Can't save: {run_disk / 'adapters'} is read-only. Make it writable"
+    )
+    assert f"Kept: the adapter, in {rescue}" in last and summarize(rescue)["facts"]["steps"] == 4
+    said = " ".join(str(w.message) for w in warned)
+    assert "samples of step 2 were skipped" in said and "Training goes on with the weights in memory" in said
+    assert not _half_written(run_disk) and not (run_disk / "adapters").exists()

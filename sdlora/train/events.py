@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from sdlora.files import disk_problem
+
 
 @dataclass(frozen=True, kw_only=True)
 class Event(Mapping[str, Any]):
@@ -199,8 +201,14 @@ class EventLog:
 
     def emit(self, event: Event) -> Event:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(event.to_dict()) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(event.to_dict()) + "\n")
+            except OSError as error:
+                # A full or read-only disk loses the record of this event, not the training: the handler
+                # still gets it, and the save that meets the same disk says so in plain words.
+                if disk_problem(error, self.path.parent) is None:
+                    raise
             if self.handler:
                 self.handler(event)
         return event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -121,7 +122,9 @@ def mark_running(run: RunFolder) -> None:
 
 
 def mark_stopped(run: RunFolder) -> None:
-    run.owner_file.unlink(missing_ok=True)
+    # On a read-only disk the marker stays; its dead pid still tells readers the run stopped.
+    with contextlib.suppress(OSError):
+        run.owner_file.unlink(missing_ok=True)
 
 
 def _owner_alive(run: RunFolder) -> bool:

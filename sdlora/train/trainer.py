@@ -7,7 +7,9 @@ adapter). The pieces they name live in their own modules: loss, cache, networks,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 import threading
 import time
 import warnings
@@ -31,7 +33,7 @@ from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
 from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, missing_captions, scan_folder
-from sdlora.files import DiskError
+from sdlora.files import DiskError, retry_until_written
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
 from sdlora.outputs import Outputs
@@ -65,6 +67,10 @@ from sdlora.train.runs import RunFolder, find_run_to_resume, mark_running, mark_
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
 from sdlora.train.validation import Validation, needs_validation, split_validation, validation_loss
+
+# A full or read-only disk at the final save: the trained weights wait in memory while the user frees space.
+SAVE_WAIT_S = 15 * 60.0
+SAVE_RETRY_S = 10.0
 
 
 @dataclass
@@ -155,7 +161,7 @@ def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
         # A cancel at the last step changes nothing: every step is trained, so the adapter is written.
         cancelled = cancel_requested(s, cancel) and step < config.steps
         if needs_checkpoint(config, step, cancelled):
-            save_state(s, step)
+            save_state(s, step, cancelled)
     progress.close()
 
     if cancelled:
@@ -163,7 +169,7 @@ def loop(s: Session, cancel: threading.Event | None) -> TrainResult:
         return TrainResult(
             s.adapter_path, s.run.path, step, loss, time.perf_counter() - started, cancelled=True
         )
-    return finish(s, step, loss, time.perf_counter() - started)
+    return finish(s, step, loss, time.perf_counter() - started, cancel)
 
 
 def needs_checkpoint(config: TrainConfig, step: int, cancelled: bool) -> bool:
@@ -265,22 +271,31 @@ def step_event(s: Session, step: int, loss: float, elapsed: float) -> StepEvent:
     )
 
 
-def save_state(s: Session, step: int) -> None:
-    """A checkpoint to resume from: adapter weights, optimizer, schedule and random state."""
+def save_state(s: Session, step: int, cancelled: bool = False) -> None:
+    """A checkpoint to resume from: adapter weights, optimizer, schedule and random state.
+
+    On a full or read-only disk a cancelled run stops with `DiskError` naming the last good checkpoint;
+    otherwise training goes on with a warning (the weights are in memory, the next save may fit)."""
     s.accelerator.wait_for_everyone()
     if not s.accelerator.is_main_process:
         return
     s.events.emit(PhaseEvent(phase="saving"))
-    with evaluation_weights(s.optimizer):  # written inside: the state's tensors are the live weights
-        state = TrainingState(
-            step=step,
-            lora=adapter_state(s.accelerator, s.parts),
-            optimizer=s.optimizer.state_dict(),
-            lr_scheduler=s.lr_scheduler.state_dict(),
-            rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
-            ema=s.ema.state_dict() if s.ema is not None else None,
-        )
-        path = save_checkpoint(s.run.checkpoints, state, s.config.keep_checkpoints, _best_step(s, step))
+    try:
+        with evaluation_weights(s.optimizer):  # written inside: the state's tensors are the live weights
+            state = TrainingState(
+                step=step,
+                lora=adapter_state(s.accelerator, s.parts),
+                optimizer=s.optimizer.state_dict(),
+                lr_scheduler=s.lr_scheduler.state_dict(),
+                rng={"torch": torch.get_rng_state(), "noise": s.ctx.rng.get_state()},
+                ema=s.ema.state_dict() if s.ema is not None else None,
+            )
+            path = save_checkpoint(s.run.checkpoints, state, s.config.keep_checkpoints, _best_step(s, step))
+    except DiskError as error:
+        if cancelled:
+            raise
+        _warn(s.events, f"{error} Training goes on with the weights in memory.")
+        return
     if s.validation:
         s.validation.checkpoints[step] = str(path)
     s.events.emit(CheckpointEvent(step=step, path=str(path)))
@@ -324,13 +339,15 @@ def save_samples(s: Session, step: int, cancel: threading.Event | None) -> None:
     s.events.emit(SampleEvent(step=step, paths=[str(p) for p in paths]))
 
 
-def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
+def finish(
+    s: Session, step: int, loss: float, elapsed: float, cancel: threading.Event | None = None
+) -> TrainResult:
     """The adapter file, with the facts a user will want to see later."""
     s.accelerator.wait_for_everyone()
     if s.accelerator.is_main_process:
         s.events.emit(PhaseEvent(phase="saving"))
         with evaluation(s):
-            write_lora(trained_lora(s, step), s.adapter_path, s.config.adapter_format)
+            save_adapter(s, trained_lora(s, step), cancel)
     device = s.accelerator.device
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     best = s.validation.best_checkpoint if s.validation else None
@@ -348,6 +365,50 @@ def finish(s: Session, step: int, loss: float, elapsed: float) -> TrainResult:
     return TrainResult(
         s.adapter_path, s.run.path, step, loss, elapsed, best_checkpoint=Path(best[1]) if best else None
     )
+
+
+def save_adapter(s: Session, lora: LoraFile, cancel: threading.Event | None) -> None:
+    """Write the adapter. On a full or read-only disk the trained weights stay in memory and the write is
+    tried again while the user frees space (or a cancel gives up); failing that, a copy goes to the
+    system's temporary folder and `DiskError` says what was kept."""
+
+    def wait(error: DiskError) -> None:
+        _warn(
+            s.events,
+            f"{error} The trained weights are kept in memory and saving is tried again every "
+            f"{SAVE_RETRY_S:g} s for {SAVE_WAIT_S / 60:g} min (cancel to give up).",
+        )
+        s.events.emit(PhaseEvent(phase="waiting_for_disk"))
+
+    def write(path: Path) -> Callable[[], Path]:
+        return lambda: write_lora(lora, path, s.config.adapter_format)
+
+    try:
+        retry_until_written(
+            write(s.adapter_path),
+            wait_s=SAVE_WAIT_S,
+            every_s=SAVE_RETRY_S,
+            on_first_failure=wait,
+            should_stop=stop_asked(s.run, cancel),
+        )
+    except DiskError as error:
+        kept = []
+        latest = s.run.latest_checkpoint()
+        if latest:
+            kept.append(
+                f"the checkpoint {latest} (make an adapter of it in the Runs tab, or run again with "
+                f"--resume {s.run.path})"
+            )
+        with contextlib.suppress(OSError):  # a private new folder: other users can't plant a link there
+            rescue = Path(tempfile.mkdtemp(prefix="sdlora-unsaved-"))
+            try:
+                kept.append(
+                    f"the adapter, in {write(rescue / s.adapter_path.name)()} (move it to {s.adapter_path.parent})"
+                )
+            except DiskError:
+                rescue.rmdir()
+        said = f"Kept: {' and '.join(kept)}." if kept else "Nothing could be kept."
+        raise DiskError(error.errno, f"{error} {said}") from error
 
 
 def trained_lora(s: Session, step: int) -> LoraFile:
