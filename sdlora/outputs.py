@@ -5,6 +5,7 @@ outputs/
   adapters/NAME.safetensors      finished adapters, by name
   images/                        generated images
   uploads/                       what the app received, one stamped folder per upload
+  .upload-cache/                 the app's web server's own copies of uploads, until they are staged
   class_images/BASE/PROMPT-Npx/  prior-preservation images, reused across runs
 """
 
@@ -45,6 +46,11 @@ class Outputs:
     @property
     def uploads(self) -> Path:
         return self.root / "uploads"
+
+    @property
+    def upload_cache(self) -> Path:
+        """Where the app's web server (Gradio) receives files before they are staged under uploads/."""
+        return self.root / ".upload-cache"
 
     @property
     def class_images_root(self) -> Path:

@@ -422,3 +422,79 @@ def test_html_in_adapter_metadata_is_not_served_as_a_page(client, server):
 
 if sys.platform != "linux":  # pragma: no cover - the throttle and mounts are only exercised on Linux CI
     pytestmark.append(pytest.mark.skip("Linux only"))
+
+
+# 5b. Cleaning: what no run uses goes, at start-up and after each run; runs and adapters stay.
+
+
+def _outputs_with_leftovers(root: Path) -> tuple[Path, Path, Path, Path]:
+    """An old upload no run used, an old one a run used, that run's folder and an adapter."""
+    import os
+    import time
+
+    from sdlora.data.uploads import UNUSED_UPLOAD_AGE_S
+    from sdlora.outputs import Outputs
+
+    outputs = Outputs(root)
+    unused, used = outputs.new_upload_dir("unused"), outputs.new_upload_dir("used")
+    draw_blob(used / "a.png", (32, 32), (200, 0, 200))
+    run = outputs.new_run_dir("earlier")
+    (run / "config.json").write_text(json.dumps({"data_dir": str(used)}))
+    adapter = outputs.adapter_file("earlier")
+    adapter.parent.mkdir(parents=True, exist_ok=True)
+    adapter.write_bytes(_tiny_safetensors())
+    old = time.time() - UNUSED_UPLOAD_AGE_S - 60
+    for folder in (unused, used):
+        os.utime(folder, (old, old))
+    return unused, used, run, adapter
+
+
+def test_start_up_removes_uploads_no_run_used_and_keeps_runs_and_adapters(monkeypatch, tmp_path):
+    import os
+    import time
+
+    import gradio as gr
+
+    from sdlora.outputs import Outputs
+    from ui.app import CACHE_CLEANING, launch
+
+    unused, used, run, adapter = _outputs_with_leftovers(tmp_path)
+    # What a killed server left in its upload cache (a day old), and what a live one holds now.
+    cache = Outputs(tmp_path).upload_cache
+    left, current = cache / ("a" * 64), cache / ("b" * 64)
+    for folder in (left, current):
+        folder.mkdir(parents=True)
+        (folder / "photo.png").write_bytes(b"png")
+    old = time.time() - CACHE_CLEANING[1] - 60
+    for path in (left, left / "photo.png"):
+        os.utime(path, (old, old))
+
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: None)  # nothing is bound
+    launch(outputs_dir=tmp_path, block=False)
+    assert not unused.exists() and used.is_dir() and run.is_dir() and adapter.is_file()
+    assert not left.exists() and (current / "photo.png").is_file()
+
+
+def test_the_app_keeps_its_upload_cache_in_its_outputs_folder(monkeypatch, tmp_path):
+    """So start-up can clean what a killed server left without touching other apps' files in /tmp/gradio."""
+    import os
+
+    import ui.__main__ as entry
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "")  # restored afterwards
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    monkeypatch.setattr(entry, "launch", lambda *args, **kwargs: None)
+    entry.main(["--outputs", str(tmp_path)])
+    assert os.environ["GRADIO_TEMP_DIR"] == str((tmp_path / ".upload-cache").resolve())
+
+
+def test_a_finished_run_removes_uploads_no_run_used(tiny_base, tmp_path):
+    from sdlora.jobs import JobQueue, JobStatus
+    from tests.conftest import train_config
+
+    unused, used, run, adapter = _outputs_with_leftovers(tmp_path)
+    queue = JobQueue()
+    job = queue.submit(train_config(used, tiny_base, tmp_path, steps=1, name="next"))
+    queue.wait(job.id, timeout=300)
+    assert job.status is JobStatus.DONE and job.result.adapter.is_file()
+    assert not unused.exists() and used.is_dir() and run.is_dir() and adapter.is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 
 from sdlora.access import (
@@ -16,6 +17,7 @@ from sdlora.access import (
     load_auth_file,
 )
 from sdlora.compat import StackError, check_stack
+from sdlora.outputs import Outputs
 from ui.app import DEFAULT_HOST, DEFAULT_PORT, launch
 
 
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         allowed = allowed_host_names(args.allowed_host)
     except AccessError as error:
         parser.exit(2, f"sdlora: error: {error}\n")
+    # The server's upload cache in the outputs folder, its own, so start-up can clean what a killed one
+    # left (Gradio's default, /tmp/gradio, is shared with other apps).
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Outputs(args.outputs).upload_cache.resolve()))
     launch(args.host, args.port, args.listen, auth, args.outputs, args.base, allowed_hosts=allowed)
 
 

@@ -15,7 +15,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from sdlora.access import Credentials, HostPolicy, LoginThrottle, exposure_warning
-from sdlora.data.uploads import EMPTY_FOLDER, RELATIVE_SEP, UploadLedger, clean_uploads
+from sdlora.data.uploads import EMPTY_FOLDER, RELATIVE_SEP, UploadLedger, clean_upload_cache, clean_uploads
 from sdlora.demo import DEMO_KEYWORD, DEMO_MODEL_DIR, base_spec, demo_model_available, is_demo
 from sdlora.generate.studio import Studio
 from sdlora.jobs import JobQueue
@@ -151,6 +151,7 @@ def launch(
     outputs.mkdir(parents=True, exist_ok=True)
     queue = queue or JobQueue()
     clean_uploads(Outputs(outputs), in_use=[job.config.data_dir for job in queue.jobs() if not job.finished])
+    clean_upload_cache(Outputs(outputs), min_age_s=CACHE_CLEANING[1])
     ledger = UploadLedger()
     guard = Middleware(
         ServerGuard,

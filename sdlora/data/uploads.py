@@ -413,6 +413,28 @@ def clean_uploads(
     return removed
 
 
+def clean_upload_cache(outputs: Outputs, min_age_s: float) -> list[Path]:
+    """Remove what the web server's upload cache has held for longer than `min_age_s`: copies that a
+    server stopped without cleaning up (killed, crashed) left behind. No run reads this cache (uploads are
+    copied under uploads/ first), so nothing a run or an adapter needs is touched. Returns what was removed."""
+    if not outputs.upload_cache.is_dir():
+        return []
+    removed = []
+    now = time.time()
+    for entry in outputs.upload_cache.iterdir():
+        try:
+            newest = max(path.lstat().st_mtime for path in [entry, *entry.rglob("*")])
+        except OSError:
+            continue
+        if now - newest > min_age_s:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
 def caption_rows(folder: str | Path | None) -> list[list[str]]:
     """[image file name, caption] for each image of a training folder, for an editable table."""
     if not folder or not Path(folder).is_dir():
