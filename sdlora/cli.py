@@ -153,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint = RunFolder(result.run).latest_checkpoint()
         then = f"continue with --resume {result.run}" if checkpoint else "run it again to start over"
         print(f"Cancelled after {result.steps} steps (run folder: {result.run}); {then}.")
-        return 130
+        return 0  # stopped as asked, keeping what it made (the multi-process launcher counts on it)
     print(
         f"Adapter: {result.adapter}  (run folder: {result.run}, {result.steps} steps, "
         f"final loss {result.final_loss:.4f}, {result.elapsed_s:.1f} s)"
