@@ -24,6 +24,7 @@ from sdlora.outputs import Outputs
 from sdlora.train import TrainResult, train
 from sdlora.train.events import (
     EVENT_TYPES,
+    CancelledEvent,
     DoneEvent,
     Event,
     PhaseEvent,
@@ -285,7 +286,9 @@ def _status_line(job: Job, step: StepEvent | None) -> str:
     if job.status is JobStatus.FAILED:
         return f"failed: {job.error}"
     if job.status is JobStatus.CANCELLED:
-        return f"cancelled after {step.step if step else 0} steps."
+        cancelled = job.last(CancelledEvent)
+        said = f" {cancelled.message}" if cancelled and cancelled.message else ""
+        return f"cancelled after {step.step if step else 0} steps.{said}"
     if job.status is JobStatus.DONE:
         adapter = job.result.adapter if job.result else "?"
         done = job.last(DoneEvent)

@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from sdlora.jobs import JobQueue, JobStatus
+from sdlora.jobs import JobQueue, JobStatus, job_view
 from sdlora.train import read_events, train
 from sdlora.train.runs import RunState, run_info
 from tests.conftest import train_config
@@ -79,6 +79,7 @@ def test_cancel_during_class_images_stops_within_one_image_and_keeps_them(tiny_b
     warning = job.last("warning")["message"]
     assert f"{kept} of 200 are kept in {class_dir}" in warning and "makes only the rest" in warning
     assert run_info(job.run_dir).state is RunState.CANCELLED
+    assert "cancelled after 0 steps. Cancelled while making class images" in job_view(job).status
 
     # Started again, the run makes only the missing images.
     again = train(replace(config, num_class_images=kept + 2))

@@ -136,6 +136,7 @@ class WarningEvent(Event):
 class CancelledEvent(Event):
     kind: ClassVar[str] = "cancelled"
     step: int
+    message: str = ""  # what was kept, when that is more than a checkpoint at `step`
 
 
 @dataclass(frozen=True, kw_only=True)

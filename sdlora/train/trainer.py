@@ -126,7 +126,7 @@ def train(
         return loop(setup(config, items, base, run, accelerator, events, validation_items, cancel), cancel)
     except CancelledBeforeTraining as stopped:
         _warn(events, str(stopped))
-        events.emit(CancelledEvent(step=0))
+        events.emit(CancelledEvent(step=0, message=str(stopped)))
         return TrainResult(adapter_file(config), run.path, 0, float("nan"), 0.0, cancelled=True)
     except Exception as error:
         events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
