@@ -297,3 +297,28 @@ def test_an_outputs_folder_turned_read_only_mid_run_ends_with_a_plain_message(
     said = " ".join(str(w.message) for w in warned)
     assert "samples of step 2 were skipped" in said and "Training goes on with the weights in memory" in said
     assert not _half_written(run_disk) and not (run_disk / "adapters").exists()
+
+
+def test_a_cancel_while_the_final_save_waits_gives_up_at_once_and_keeps_a_copy(
+    run_disk, tiny_base, blob_folder, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    monkeypatch.setattr(trainer, "SAVE_WAIT_S", 600.0)
+    cancel, asked = threading.Event(), {}
+
+    def user(event) -> None:
+        if event.kind == "phase" and event.phase == "saving":
+            _fill(run_disk)
+        if event.kind == "phase" and event.phase == "waiting_for_disk":
+            asked["time"] = time.monotonic()
+            cancel.set()
+
+    config = train_config(blob_folder, tiny_base, run_disk, steps=2, name="given-up")
+    with pytest.raises(DiskError, match="is full.*Kept: the adapter, in") as caught:
+        trainer.train(config, on_event=user, cancel=cancel)
+    waited = time.monotonic() - asked["time"]
+    print(f"gave up {waited:.2f} s after the cancel")
+    assert waited < 2.0 and "the checkpoint" not in str(caught.value)  # none was asked for
+    assert not _half_written(run_disk)
