@@ -297,6 +297,9 @@ def test_an_outputs_folder_turned_read_only_mid_run_ends_with_a_plain_message(
     said = " ".join(str(w.message) for w in warned)
     assert "samples of step 2 were skipped" in said and "Training goes on with the weights in memory" in said
     assert not _half_written(run_disk) and not (run_disk / "adapters").exists()
+    # Its RUNNING marker could not be removed, but the run is not shown as running by this live process.
+    run = Outputs(run_disk).run_dirs("ro")[0]
+    assert (run / "RUNNING").is_file() and run_info(run).state is RunState.INTERRUPTED
 
 
 def test_a_cancel_while_the_final_save_waits_gives_up_at_once_and_keeps_a_copy(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -116,18 +115,27 @@ class RunInfo:
         return self.state in RESUMABLE and bool(self.checkpoints)
 
 
+# Runs this process stopped whose marker it could not remove (a read-only disk): its pid lives on in the
+# marker (the app's server), so readers here must not take them for running.
+_STOPPED_HERE: set[Path] = set()
+
+
 def mark_running(run: RunFolder) -> None:
     """Say which process trains the run, so a reader can tell a live run from one whose process died."""
     atomic_write_text(run.owner_file, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+    _STOPPED_HERE.discard(run.path)
 
 
 def mark_stopped(run: RunFolder) -> None:
-    # On a read-only disk the marker stays; its dead pid still tells readers the run stopped.
-    with contextlib.suppress(OSError):
+    try:
         run.owner_file.unlink(missing_ok=True)
+    except OSError:
+        _STOPPED_HERE.add(run.path)  # another process sees the marker's pid die with this one
 
 
 def _owner_alive(run: RunFolder) -> bool:
+    if run.path in _STOPPED_HERE:
+        return False
     try:
         owner = json.loads(run.owner_file.read_text())
     except (OSError, ValueError):
