@@ -73,16 +73,15 @@ def _errno_of(error: Exception) -> int | None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike, kept: str | None = None) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `path` to write the whole file to; when the block ends it is fsynced and
     renamed to `path`, and if the block fails it is removed.
 
     A reader sees the previous file or the complete new one, never a partial write, even if the process
-    is killed or the disk fills up half-way; a full or read-only disk is a `DiskError` naming the folder
-    and what was `kept` (by default: nothing else was changed).
+    is killed or the disk fills up half-way; a full or read-only disk is a `DiskError` naming the folder.
     """
     path = Path(path)
-    with disk_errors(path.parent, kept or f"{path.name} was not written; nothing else was changed."):
+    with disk_errors(path.parent, f"{path.name} was not written; nothing else was changed."):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as any file
