@@ -146,6 +146,32 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+@contextmanager
+def atomic_folder(path: str | os.PathLike, kept: str = "") -> Iterator[Path]:
+    """A temporary folder beside `path` to write a whole folder into; when the block ends it replaces
+    `path` (and any previous folder of that name), and if the block fails it is removed.
+
+    A reader sees the previous folder or the complete new one; a full or read-only disk is a `DiskError`
+    naming the parent folder and what was `kept` (by default: nothing else was changed).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with disk_errors(path.parent, kept or f"{path.name} was not written; nothing else was changed."):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a process that was killed while writing
+            tmp.mkdir()
+            yield tmp
+            for file in (f for f in tmp.rglob("*") if f.is_file()):
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+            fsync_dir(tmp)
+            atomic_replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> Path:
     """Move a fully written folder into place, replacing any previous one with the same name."""
     with disk_errors(final_dir.parent, f"{final_dir.name} was not replaced."):

@@ -325,3 +325,11 @@ def test_a_cancel_while_the_final_save_waits_gives_up_at_once_and_keeps_a_copy(
     print(f"gave up {waited:.2f} s after the cancel")
     assert waited < 2.0 and "the checkpoint" not in str(caught.value)  # none was asked for
     assert not _half_written(run_disk)
+
+
+def test_a_fused_model_folder_that_does_not_fit_leaves_no_partial_folder(small_disk, tiny_base, two_adapters):
+    from sdlora.generate.fuse import fuse_into_base
+
+    with pytest.raises(DiskError, match=rf"{small_disk} is full.*fused was not written"):
+        fuse_into_base(tiny_base, [(two_adapters[0], 1.0)], small_disk / "fused")
+    assert list(small_disk.iterdir()) == []

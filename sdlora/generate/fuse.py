@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from sdlora.files import atomic_replace_dir
+from sdlora.files import atomic_folder
 from sdlora.generate.generator import Generator
 from sdlora.models.single_file import FUSED_KEY, save_single_file
 
@@ -37,9 +37,9 @@ def fuse_into_base(
         fused = [{"adapter": path.name, "weight": weight} for path, weight in names.values()]
         metadata = {FUSED_KEY: json.dumps(fused), "modelspec.description": _description(fused, generator)}
         return save_single_file(generator.pipe, out, dtype=dtype, metadata=metadata)
-    tmp = out.with_name(f".{out.name}.tmp")
-    generator.pipe.save_pretrained(tmp, safe_serialization=True)
-    return atomic_replace_dir(tmp, out)
+    with atomic_folder(out) as tmp:
+        generator.pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
 
 
 def _description(fused: list[dict], generator: Generator) -> str:

@@ -1,14 +1,14 @@
 """Training checkpoints: LoRA weights, optimizer and schedule state, RNG state and step.
 
 Everything tensor-valued goes in safetensors and the rest in JSON, so resuming never unpickles.
-Each checkpoint is written into a temporary folder and renamed into place when complete; a write that fails
-(a full or read-only disk) removes the temporary folder and raises `DiskError` naming the last good one.
+Each checkpoint is written into a temporary folder and renamed into place when complete (`atomic_folder`); a
+write that fails (a full or read-only disk) removes the temporary folder and raises `DiskError` naming the
+last good one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from sdlora.files import atomic_replace_dir, disk_errors, fsync_dir
+from sdlora.files import atomic_folder
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # A checkpoint is complete only with all of these; state.json is written last.
@@ -42,18 +42,8 @@ def save_checkpoint(folder: Path, state: TrainingState, keep: int, protect: int 
     On a full or read-only disk nothing half-written is left and `DiskError` says which checkpoint is the
     newest complete one."""
     final = folder / f"step-{state.step:06d}"
-    tmp = folder / f".step-{state.step:06d}.tmp"
-    try:
-        with disk_errors(folder, _kept(folder)):
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-            _write_state(tmp, state)
-            atomic_replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(final, _kept(folder)) as tmp:
+        _write_state(tmp, state)
     kept = folder / f"step-{protect:06d}" if protect is not None else None
     for old in list_checkpoints(folder)[:-keep]:
         if old != kept:
@@ -78,10 +68,6 @@ def _write_state(tmp: Path, state: TrainingState) -> None:
     for name, values in tensors.items():
         (tmp / name).write_bytes(save(values))
     (tmp / "state.json").write_text(json.dumps(info, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-    fsync_dir(tmp)
 
 
 def _kept(folder: Path) -> str:
