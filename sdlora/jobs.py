@@ -20,6 +20,7 @@ from typing import TypeVar, overload
 
 from sdlora.config import ConfigError, TrainConfig
 from sdlora.data.uploads import clean_uploads
+from sdlora.errors import describe
 from sdlora.outputs import Outputs
 from sdlora.train import TrainResult, train
 from sdlora.train.events import (
@@ -196,7 +197,7 @@ class JobQueue:
                     job.result = train(job.config, on_event=job.events.append, cancel=job.cancel_requested)
                 job.status = JobStatus.CANCELLED if job.result.cancelled else JobStatus.DONE
             except Exception as error:  # noqa: BLE001 - any failure is reported on the job, the worker lives on
-                job.error = f"{type(error).__name__}: {error}"
+                job.error = describe(error)
                 job.status = JobStatus.FAILED
             self._clean_uploads(job)
 

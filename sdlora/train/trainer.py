@@ -33,6 +33,7 @@ from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
 from sdlora.adapters.from_peft import modules_from_peft_model
 from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, missing_captions, scan_folder
+from sdlora.errors import describe
 from sdlora.files import DiskError, retry_until_written
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
@@ -129,7 +130,7 @@ def train(
         events.emit(CancelledEvent(step=0, message=str(stopped)))
         return TrainResult(adapter_file(config), run.path, 0, float("nan"), 0.0, cancelled=True)
     except Exception as error:
-        events.emit(ErrorEvent(message=f"{type(error).__name__}: {error}"))
+        events.emit(ErrorEvent(message=describe(error)))
         raise
     finally:
         if accelerator.is_main_process:
