@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlora.config import ConfigError
+from sdlora.config import MAX_GENERATE_STEPS, MAX_IMAGES, ConfigError
 from sdlora.generate.generator import GenerationParams, Generator, Weight, check_count, resolve_seed
 from sdlora.generate.images import MIN_SHOWN_SIDE, labeled_parameters
 
@@ -53,6 +53,33 @@ class Axis:
         )
 
 
+AXIS_KINDS = ("weight:NAME", "crossfade:A:B", "seed", "steps", "guidance")
+
+
+def parse_axis(kind: str, text: str) -> Axis:
+    """An axis from a form: its kind and its values as typed, e.g. '0, 0.5, 1' (commas or semicolons);
+    seeds and steps must be whole numbers. ConfigError naming the axis for anything else."""
+    parts = [part.strip() for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    shown = kind.split(":", 1)[0]
+    if not parts:
+        raise ConfigError(f"Give the {shown} axis at least one value, e.g. 0, 0.5, 1.")
+    if len(parts) > MAX_IMAGES:
+        raise ConfigError(
+            f"The {shown} axis has {len(parts)} values; a grid makes at most {MAX_IMAGES} images."
+        )
+    try:
+        values = tuple(float(part) for part in parts)
+    except ValueError:
+        raise ConfigError(f"The {shown} axis needs numbers separated by commas, not {text!r}.") from None
+    if kind in ("seed", "steps") and any(v != int(v) for v in values):
+        raise ConfigError(f"The {shown} axis needs whole numbers, not {text!r}.")
+    if kind == "steps" and not all(1 <= v <= MAX_GENERATE_STEPS for v in values):
+        raise ConfigError(f"Steps must be between 1 and {MAX_GENERATE_STEPS}, not {text!r}.")
+    axis = Axis(kind, values)
+    axis.apply(values[0], (GenerationParams(""), {}))  # an unknown kind is refused before any image
+    return axis
+
+
 def crossfade(first: str, second: str, points: int = 5) -> Axis:
     """Two adapters at (1 - t, t) for t from 0 to 1: one style sliding into another."""
     return Axis(f"crossfade:{first}:{second}", tuple(i / (points - 1) for i in range(points)))
@@ -89,23 +116,42 @@ def xy_plot(
     return grid
 
 
+LABEL_SIZE = 14  # px: readable when the grid is shown scaled down in a gallery
+
+
 def _draw(
     cells: list[Image.Image], column_labels: list[str], row_labels: list[str], columns: int
 ) -> Image.Image:
-    """Cells enlarged (nearest) to a visible size, column labels on top and row labels on the left."""
+    """Cells enlarged (nearest) to a visible size, column labels on top (wrapped to the cell's width)
+    and row labels on the left."""
     first = cells[0]
     scale = max(1, MIN_SHOWN_SIDE // min(first.size))
     cell_w, cell_h = first.width * scale, first.height * scale
-    font = ImageFont.load_default()
-    top, left = 18, max((int(font.getlength(t)) for t in row_labels), default=0) + 8 if any(row_labels) else 0
+    font = ImageFont.load_default(size=LABEL_SIZE)
+    line_h = LABEL_SIZE + 3
+    wrapped = [_wrap(label, font, cell_w - 6) for label in column_labels]
+    top = max(len(lines) for lines in wrapped) * line_h + 6
+    left = max((int(font.getlength(t)) for t in row_labels), default=0) + 10 if any(row_labels) else 0
     rows = len(cells) // columns
     grid = Image.new("RGB", (left + columns * cell_w, top + rows * cell_h), "white")
     draw = ImageDraw.Draw(grid)
-    for index, label in enumerate(column_labels):
-        draw.text((left + index * cell_w + 3, 3), label, fill="black", font=font)
+    for index, lines in enumerate(wrapped):
+        for number, line in enumerate(lines):
+            draw.text((left + index * cell_w + 3, 3 + number * line_h), line, fill="black", font=font)
     for index, label in enumerate(row_labels):
-        draw.text((3, top + index * cell_h + cell_h // 2 - 6), label, fill="black", font=font)
+        draw.text((4, top + index * cell_h + (cell_h - LABEL_SIZE) // 2), label, fill="black", font=font)
     for index, cell in enumerate(cells):
         x, y = left + (index % columns) * cell_w, top + (index // columns) * cell_h
         grid.paste(cell.resize((cell_w, cell_h), Image.Resampling.NEAREST), (x, y))
     return grid
+
+
+def _wrap(text: str, font: ImageFont.ImageFont, width: int) -> list[str]:
+    """`text` in lines no wider than `width` where its words allow."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
