@@ -1,14 +1,17 @@
-"""Generation timing: the base alone, three adapters stacked, and one slider change.
+"""Generation timing: the base alone, three adapters stacked, one slider change, and a Stop.
 
 The Generator writes a mix into the base's weights (W = W0 + sum w_i dW_i, from a pristine copy), so
 a stacked image should cost what the base costs; what a mix costs is paid once, when it changes. The
 three figures show both: s/image for the base and for 3 stacked adapters, and the time of one
 `activate` call with one weight moved (what dragging a slider costs before the next image starts).
+`time_stop` measures how long a Stop takes to end an image: the rest of one denoising step, then the
+VAE decode of the unfinished latents.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 
 from sdlora.config import TrainConfig
 from sdlora.generate import GenerationParams, Generator
+from sdlora.generate.generator import GenerationStopped
 from sdlora.train import train
 
 ADAPTER_WEIGHT = 0.5
@@ -90,6 +94,31 @@ def time_generation(
         "slider_change_s": round(slider_s, 4),
         "slider_change_vs_image": round(slider_s / base_s, 4),
     }
+
+
+def time_stop(generator: Generator, params: GenerationParams, after_s: float, repeats: int = 3) -> dict:
+    """Median seconds from `Generator.stop` being set (`after_s` into an image of `params`) to the
+    generation ending with GenerationStopped, and the longest."""
+    latencies = []
+    for _ in range(repeats):
+        stopped_at: list[float] = []
+
+        def press(record: list[float]) -> None:
+            time.sleep(after_s)
+            record.append(time.perf_counter())
+            generator.stop.set()
+
+        presser = threading.Thread(target=press, args=(stopped_at,))
+        presser.start()
+        try:
+            generator.generate(params)
+        except GenerationStopped:
+            latencies.append(time.perf_counter() - stopped_at[0])
+        presser.join()
+        generator.stop.clear()
+    if not latencies:
+        raise RuntimeError(f"the image finished before {after_s} s: give it more steps")
+    return {"stop_s": round(statistics.median(latencies), 4), "stop_max_s": round(max(latencies), 4)}
 
 
 def bench_generation(

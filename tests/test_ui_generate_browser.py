@@ -258,6 +258,8 @@ def test_history_reopens_an_image_with_its_settings(page, server):
     fill_form(page, steps=3, seed=4321)
     pick(page, "adapter-1", "style_dark")
     set_number(page, "adapter-weight-1", 0.35)
+    pick(page, "adapter-3", "style_outlined")
+    set_number(page, "adapter-weight-3", -0.5)
     page.locator("#generate").click()
     expect(page.locator("#parameters textarea")).to_have_value(re.compile("Seed: 4321"))
     page.reload()  # a fresh page: history comes from outputs/images, not from the page
@@ -271,6 +273,10 @@ def test_history_reopens_an_image_with_its_settings(page, server):
     expect(page.locator("#gen-steps input[type=number]")).to_have_value("3")
     expect(page.locator("#adapter-0 input")).to_have_value("style_dark")
     expect(page.locator("#adapter-weight-0 input[type=number]")).to_have_value("0.35")
+    expect(page.locator("#adapter-1 input")).to_have_value("style_outlined")
+    expect(page.locator("#adapter-weight-1 input[type=number]")).to_have_value("-0.5")
+    expect(page.locator("#adapter-on-1 input")).to_be_checked()
+    expect(page.locator("#adapter-3 input")).to_have_value("")
 
 
 def test_xy_plot_with_the_crossfade_preset_saves_one_labelled_png(page, server):

@@ -8,6 +8,7 @@ its own generation.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -72,13 +73,19 @@ class Recalled:
     adapters: list[tuple[str, float]] = field(default_factory=list)
 
 
+# sdlora's "Lora: a:0.8, b:1.5" field: entries are NAME:WEIGHT (no space after the colon), so the list
+# ends where the next "Key: value" field starts.
+_LORA_FIELD = re.compile(r"(?:^|, )Lora: (.+?)(?=, \w[\w \-/]*: |$)", re.M)
+
+
 def recall(text: str) -> Recalled:
     """Form values from a PNG's parameters text (sdlora's or AUTOMATIC1111's; a grid's first image):
     adapters come from the `Lora:` field, except those the prompt's `<lora:...>` tags already select."""
     fields = parse_parameters(text)
     tagged = set(lora_weights(fields.get("Prompt", ""), fields.get("Negative prompt", ""))[2])
+    listed = _LORA_FIELD.search(text)
     adapters = []
-    for entry in filter(None, (part.strip() for part in fields.get("Lora", "").split(","))):
+    for entry in filter(None, (part.strip() for part in (listed[1] if listed else "").split(","))):
         name, _, weight = entry.rpartition(":")
         number = _number(weight.split("/")[-1], float)  # "te/unet": the U-Net's weight
         if name and name not in tagged and number is not None:
