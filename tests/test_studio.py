@@ -164,3 +164,16 @@ def test_an_xy_plot_is_saved_as_one_png_naming_library_adapters(tiny_base, blob_
 def test_parse_axis_names_mistakes(kind, text, message):
     with pytest.raises(ConfigError, match=message):
         parse_axis(kind, text)
+
+
+def test_an_xy_plot_of_a_runs_checkpoints(tiny_base, blob_folder, tmp_path):
+    result = train(train_config(blob_folder, tiny_base, tmp_path, steps=2, save_every=1, name="blob"))
+    studio = Studio(Outputs(tmp_path))
+    assert studio.checkpoint_runs() == {result.run.name: [1, 2]}
+    grid = studio.xy(tiny_base, PARAMS, [], parse_axis(f"checkpoint:{result.run.name}", "1, 2"))
+    text = parameters_text(grid.images[0][0])
+    assert "[step 2]" in text and f"Lora: {result.run.name}_step1:1" in text
+    with pytest.raises(ConfigError, match="has no checkpoint at step 3; it has 1, 2"):
+        studio.xy(tiny_base, PARAMS, [], parse_axis(f"checkpoint:{result.run.name}", "3"))
+    with pytest.raises(ConfigError, match="No run called"):
+        studio.xy(tiny_base, PARAMS, [], parse_axis("checkpoint:../elsewhere", "1"))

@@ -61,6 +61,7 @@ def server(tiny_base, tmp_path_factory) -> Iterator[Server]:
                 rank=4,
                 lr=3e-3,
                 outputs=str(outputs),
+                save_every=STYLE_STEPS // 2,  # checkpoints for the X/Y plot's checkpoint axis
             )
         )
     port, queue = free_port(), JobQueue()
@@ -303,6 +304,24 @@ def test_xy_plot_with_the_crossfade_preset_saves_one_labelled_png(page, server):
     page.locator("#y-values textarea").fill("1, 2, 3, 4")
     page.locator("#plot").click()
     expect(page.locator("#generate-message")).to_contain_text("at most 16")
+
+
+def test_xy_plot_of_a_runs_checkpoints(page, server):
+    (run,) = (server.outputs / "runs").glob("style_dark-*")
+    fill_form(page, steps=4)
+    page.get_by_text("X/Y plot").click()
+    pick(page, "x-kind", f"Checkpoints of {run.name}")
+    half = STYLE_STEPS // 2
+    expect(page.locator("#x-values textarea")).to_have_value(f"{half}, {STYLE_STEPS}")
+    pick(page, "y-kind", "Guidance")
+    page.locator("#y-values textarea").fill("3, 7")
+    page.locator("#plot").click()
+    expect(gallery_images(page)).to_have_count(1, timeout=GENERATE_TIMEOUT_MS)
+    text = parameters_text(Image.open(io.BytesIO(image_bytes(page))))
+    assert f"[guidance 7 | step {STYLE_STEPS}]" in text and f"Lora: {run.name}_step{half}:1" in text
+    page.locator("#x-values textarea").fill("5")
+    page.locator("#plot").click()
+    expect(page.locator("#generate-message")).to_contain_text(f"has no checkpoint at step 5; it has {half}")
 
 
 def base_image(page) -> bytes:

@@ -10,6 +10,7 @@ import gradio as gr
 
 from sdlora.adapters.library import adapter_names
 from sdlora.config import (
+    MAX_IMAGES,
     ConfigError,
     GenerateConfig,
     option_choices,
@@ -35,6 +36,7 @@ AXES = [
     CROSSFADE,
 ]
 CROSSFADE_POINTS = "0, 0.25, 0.5, 0.75, 1"
+CHECKPOINTS = "Checkpoints of "  # + a run folder's name: one column (or row) per checkpoint, by step
 
 
 def chosen_adapters(rows: Sequence) -> list[tuple[str, float]]:
@@ -60,6 +62,8 @@ def axis_kind(choice: str, pickers: Sequence[str | None]) -> str:
 
     if choice == CROSSFADE:
         return f"crossfade:{picked(0)}:{picked(1)}"
+    if choice.startswith(CHECKPOINTS):
+        return f"checkpoint:{choice.removeprefix(CHECKPOINTS)}"
     if choice.startswith("Adapter "):
         return f"weight:{picked(int(choice.split()[1]) - 1)}"
     return choice.lower()
@@ -222,10 +226,11 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
                 compare = gr.Button("Compare", elem_id="compare")
                 sweep = gr.Button("Sweep", elem_id="sweep")
-            with gr.Accordion("X/Y plot", open=False, elem_id="xy"):
+            with gr.Accordion("X/Y plot", open=False, elem_id="xy") as xy:
                 gr.Markdown(
                     "One image per (X, Y) pair, one seed, at most 16 images; the grid is saved as one "
-                    "PNG with every image's parameters. *Adapter N* is the adapter picked in row N."
+                    "PNG with every image's parameters. *Adapter N* is the adapter picked in row N; "
+                    "*Checkpoints of RUN* puts each checkpoint of a run (by step) at weight 1."
                 )
                 with gr.Row():
                     x_kind = gr.Dropdown(AXES, value="Adapter 1 weight", label="X axis", elem_id="x-kind")
@@ -259,6 +264,17 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
         names = adapter_names(ctx.outputs)
         return [names] + [gr.Dropdown(choices=names, value=v if v in names else None) for v in current]
 
+    def axes() -> tuple:
+        runs = [f"{CHECKPOINTS}{run}" for run in ctx.studio.checkpoint_runs()]
+        return gr.Dropdown(choices=AXES + runs), gr.Dropdown(choices=[NO_AXIS, *AXES, *runs])
+
+    def axis_chosen(choice: str, values: str) -> str:
+        """A checkpoint axis starts with every checkpoint of its run (at most 16)."""
+        if not (choice or "").startswith(CHECKPOINTS):
+            return gr.skip()
+        steps = ctx.studio.checkpoint_runs().get(choice.removeprefix(CHECKPOINTS), [])
+        return ", ".join(map(str, steps[-MAX_IMAGES:]))
+
     def sizes(base_text: str, current: str | None) -> gr.Dropdown:
         try:
             choices = ctx.studio.sizes(base_text)
@@ -268,6 +284,9 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
 
     library = gr.State([])
     tab.select(menus, pickers, [library, *pickers]).then(sizes, [base_box, size], size)
+    gr.on([tab.select, xy.expand], axes, None, [x_kind, y_kind])
+    x_kind.input(axis_chosen, [x_kind, x_values], x_values)
+    y_kind.input(axis_chosen, [y_kind, y_values], y_values)
     gr.on([load.click, base_box.submit], sizes, [base_box, size], size)
 
     def library_changed(known: list[str], *current: str | None) -> list:

@@ -1,7 +1,8 @@
 """X/Y plots as AUTOMATIC1111 users know them: one image per (x, y) pair, axes labelled, one seed.
 
 An axis is a kind and its values: an adapter's weight, seed, steps or guidance. The cross-fade of two
-adapters, (1 - t, t), is a preset of it: one axis moving both weights at once.
+adapters, (1 - t, t), is a preset of it: one axis moving both weights at once. A checkpoint axis puts
+one adapter per value (a run's checkpoints, by step) at weight 1, in place of the others.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ Setting = tuple[GenerationParams, dict[str, Weight]]
 
 @dataclass(frozen=True)
 class Axis:
-    """`kind`: 'weight:<adapter>', 'seed', 'steps', 'guidance' or 'crossfade:<a>:<b>'; `values` its points."""
+    """`kind`: 'weight:<adapter>', 'seed', 'steps', 'guidance', 'crossfade:<a>:<b>' or
+    'checkpoint:<adapter>:<adapter>...' (one adapter per value); `values` its points."""
 
     kind: str
     values: tuple[float, ...]
@@ -32,6 +34,8 @@ class Axis:
             return f"{first.removeprefix('lora_')} {1 - value:g} / {second.removeprefix('lora_')} {value:g}"
         if self.kind.startswith("weight:"):
             return f"{name.removeprefix('lora_')} {value:g}"
+        if self.kind.startswith("checkpoint:"):
+            return f"step {value:g}"
         return f"{self.kind} {value:g}"
 
     def apply(self, value: float, setting: Setting) -> Setting:
@@ -42,6 +46,9 @@ class Axis:
         if self.kind.startswith("crossfade:"):
             _, first, second = self.kind.split(":")
             return params, {**weights, first: 1 - value, second: value}
+        if self.kind.startswith("checkpoint:"):
+            names = self.kind.split(":")[1:]
+            return params, {**weights, names[self.values.index(value) % len(names)]: 1.0}
         if self.kind == "seed":
             return replace(params, seed=int(value)), weights
         if self.kind == "steps":
@@ -49,11 +56,9 @@ class Axis:
         if self.kind == "guidance":
             return replace(params, guidance=float(value)), weights
         raise ConfigError(
-            f"Unknown X/Y axis {self.kind!r}: use weight:NAME, crossfade:A:B, seed, steps, guidance."
+            f"Unknown X/Y axis {self.kind!r}: use weight:NAME, crossfade:A:B, checkpoint:RUN, seed, "
+            "steps, guidance."
         )
-
-
-AXIS_KINDS = ("weight:NAME", "crossfade:A:B", "seed", "steps", "guidance")
 
 
 def parse_axis(kind: str, text: str) -> Axis:
@@ -71,7 +76,7 @@ def parse_axis(kind: str, text: str) -> Axis:
         values = tuple(float(part) for part in parts)
     except ValueError:
         raise ConfigError(f"The {shown} axis needs numbers separated by commas, not {text!r}.") from None
-    if kind in ("seed", "steps") and any(v != int(v) for v in values):
+    if (kind in ("seed", "steps") or kind.startswith("checkpoint:")) and any(v != int(v) for v in values):
         raise ConfigError(f"The {shown} axis needs whole numbers, not {text!r}.")
     if kind == "steps" and not all(1 <= v <= MAX_GENERATE_STEPS for v in values):
         raise ConfigError(f"Steps must be between 1 and {MAX_GENERATE_STEPS}, not {text!r}.")
@@ -106,7 +111,10 @@ def xy_plot(
             cells.append(generator.generate(cell_params, cell_weights))
             if on_image:
                 on_image(len(cells), total)
-    labels = [[(y.label(row) if y else "") + " | " + x.label(col) for col in x.values] for row in rows]
+    labels = [
+        [" | ".join([y.label(row), x.label(col)] if y else [x.label(col)]) for col in x.values]
+        for row in rows
+    ]
     grid = _draw(
         cells, [x.label(v) for v in x.values], [y.label(v) for v in y.values] if y else [""], len(x.values)
     )

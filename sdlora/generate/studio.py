@@ -9,7 +9,10 @@ its own generation.
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -120,6 +123,7 @@ class Studio:
         self._spec: str | None = None
         self._owner: str | None = None  # whose call holds the generator now
         self._owner_lock = threading.Lock()
+        self._checkpoints: Outputs | None = None  # run checkpoints made adapters, for X/Y plots
 
     def load(self, text: str | None) -> str:
         """Load the base `text` names ('demo' or empty: the demo model) unless it is loaded; returns its name."""
@@ -225,14 +229,57 @@ class Studio:
         on_image: Callable[[int, int], None] | None = None,
     ) -> Result:
         """An X/Y plot saved as one labelled PNG; axes name library adapters ('weight:NAME',
-        'crossfade:A:B'), the mix `adapters` holds the others at their weights."""
+        'crossfade:A:B') or a run folder ('checkpoint:RUN', values: steps), the mix `adapters` holds
+        the others at their weights."""
         named = [name for axis in (x, y) if axis for name in _adapter_names(axis)]
         with self._session(text, owner) as generator:
             weights = self._weights(generator, adapters)
             pipe_names = {name: generator.load_adapter(adapter_path(self.outputs, name)) for name in named}
-            x, y = (_renamed(axis, pipe_names) if axis else None for axis in (x, y))
+            x, y = (self._resolved(generator, axis, pipe_names) if axis else None for axis in (x, y))
             grid = xy_plot(generator, params, x, y, weights, on_image)
             return self._save([("X/Y plot", grid)])
+
+    def _resolved(self, generator: Generator, axis: Axis, pipe_names: Mapping[str, str]) -> Axis:
+        """The axis with adapters named as the generator knows them; a run's checkpoints become adapters."""
+        kind, _, run = axis.kind.partition(":")
+        if kind != "checkpoint":
+            return _renamed(axis, pipe_names)
+        checkpoints = self.checkpoint_runs().get(run)
+        if checkpoints is None:
+            raise ConfigError(f"No run called {run!r} with checkpoints under {self.outputs.runs}.")
+        missing = [f"{v:g}" for v in axis.values if int(v) not in checkpoints]
+        if missing:
+            raise ConfigError(
+                f"{run} has no checkpoint at step {', '.join(missing)}; "
+                f"it has {', '.join(map(str, checkpoints)) or 'none'}."
+            )
+        names = [generator.load_adapter(self._checkpoint_file(run, int(v))) for v in axis.values]
+        return Axis(":".join(["checkpoint", *names]), axis.values)
+
+    def checkpoint_runs(self) -> dict[str, list[int]]:
+        """Runs under outputs/runs that have checkpoints: folder name -> checkpoint steps, newest run first."""
+        from sdlora.train.runs import list_runs  # the runs on disk, as the Runs tab lists them
+
+        return {
+            info.folder.path.name: [_step(path) for path in info.checkpoints]
+            for info in list_runs(self.outputs)
+            if info.checkpoints
+        }
+
+    def _checkpoint_file(self, run: str, step: int) -> Path:
+        """A run's checkpoint as an adapter file, written once into a folder that lives as long as the app."""
+        from sdlora.train.runs import RunFolder, checkpoint_adapter, run_info
+
+        if self._checkpoints is None:
+            folder = tempfile.mkdtemp(prefix="sdlora-checkpoints-")
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
+            self._checkpoints = Outputs(Path(folder))
+        path = self._checkpoints.adapter_file(f"{run}_step{step}")
+        if not path.is_file():
+            folder = RunFolder(self.outputs.runs / run)
+            (checkpoint,) = [p for p in run_info(folder.path).checkpoints if _step(p) == step]
+            checkpoint_adapter(folder, checkpoint, self._checkpoints, path.stem)
+        return path
 
     def history(self) -> list[tuple[Path, dict[str, str]]]:
         """Images generated here (outputs/images), newest first, with their parameters."""
@@ -252,6 +299,11 @@ class Studio:
                 raise DiskError(error.errno, f"{error.strerror} {kept}") from error
         parameters = labeled_parameters(labeled)
         return Result(images, parameters if len(labeled) > 1 else labeled[0][1].info.get("parameters", ""))
+
+
+def _step(checkpoint: Path) -> int:
+    """The training step of a checkpoint folder (`step-000020`)."""
+    return int(checkpoint.name.rpartition("-")[2])
 
 
 def _adapter_names(axis: Axis) -> list[str]:
