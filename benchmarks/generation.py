@@ -25,6 +25,7 @@ from sdlora.train import train
 
 ADAPTER_WEIGHT = 0.5
 SLIDER_MOVE = 0.05
+STOP_MIN_STEPS = 5  # a Stop is timed only on images long enough to be stopped in their third step
 
 
 def train_adapters(
@@ -64,7 +65,7 @@ def _timed(action: Callable[[], object]) -> float:
 def time_generation(
     generator: Generator, adapters: list[Path], params: GenerationParams, images: int
 ) -> dict:
-    """Median s/image of the base and of all `adapters` stacked, and of one slider change.
+    """Median s/image of the base and of all `adapters` stacked, of one slider change, and of a Stop.
 
     Base and stacked images alternate, so a machine's drift in speed (shared CPUs, GPU clocks) falls
     on both alike; the mix is set outside the timed image, as it is when a user generates again.
@@ -83,6 +84,10 @@ def time_generation(
         slider.append(_timed(lambda: generator.activate(moved)))
     base_s, stacked_s, slider_s = (statistics.median(times) for times in (base, stacked, slider))
     generator.activate({})
+    stop = {}
+    if params.steps >= STOP_MIN_STEPS:  # pressed in the third step: the rest of it, then the decode
+        step_s = base_s / params.steps
+        stop = {"step_s": round(step_s, 4), **time_stop(generator, params, 2.5 * step_s, min(images, 3))}
     return {
         "resolution": params.width,
         "steps": params.steps,
@@ -93,6 +98,7 @@ def time_generation(
         "stacked_overhead": round(stacked_s / base_s - 1, 4),
         "slider_change_s": round(slider_s, 4),
         "slider_change_vs_image": round(slider_s / base_s, 4),
+        **stop,
     }
 
 
