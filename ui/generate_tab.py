@@ -27,7 +27,7 @@ MAX_WEIGHT = 4  # the Generator's documented range: -4..4
 LIBRARY_POLL_SECONDS = 2  # how soon a trained, imported, renamed or deleted adapter shows in the menus
 # X/Y plot axes as the page offers them; "Adapter N" is the adapter picked in row N.
 NO_AXIS = "none"
-CROSSFADE = "Cross-fade: adapter 1 → adapter 2"
+CROSSFADE = "Cross-fade 1 → 2"
 AXES = [
     *(f"Adapter {index + 1} weight" for index in range(ADAPTER_ROWS)),
     "Seed",
