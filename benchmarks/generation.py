@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from sdlora.train import train
 
 ADAPTER_WEIGHT = 0.5
 SLIDER_MOVE = 0.05
-STOP_MIN_STEPS = 5  # a Stop is timed only on images long enough to be stopped in their third step
+STOP_MIN_STEPS = 20  # the least steps of the image a Stop is timed on
 
 
 def train_adapters(
@@ -84,10 +85,10 @@ def time_generation(
         slider.append(_timed(lambda: generator.activate(moved)))
     base_s, stacked_s, slider_s = (statistics.median(times) for times in (base, stacked, slider))
     generator.activate({})
-    stop = {}
-    if params.steps >= STOP_MIN_STEPS:  # pressed in the third step: the rest of it, then the decode
-        step_s = base_s / params.steps
-        stop = {"step_s": round(step_s, 4), **time_stop(generator, params, 2.5 * step_s, min(images, 3))}
+    step_s = base_s / params.steps
+    # Pressed in the third step of a longer image, so that no image ends before the press.
+    longer = replace(params, steps=max(STOP_MIN_STEPS, 4 * params.steps))
+    stop = time_stop(generator, longer, after_s=2.5 * step_s, repeats=min(images, 3))
     return {
         "resolution": params.width,
         "steps": params.steps,
@@ -98,6 +99,7 @@ def time_generation(
         "stacked_overhead": round(stacked_s / base_s - 1, 4),
         "slider_change_s": round(slider_s, 4),
         "slider_change_vs_image": round(slider_s / base_s, 4),
+        "step_s": round(step_s, 4),
         **stop,
     }
 
