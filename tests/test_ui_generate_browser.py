@@ -229,7 +229,7 @@ def test_png_info_reads_a_png_and_sends_its_settings_to_generate(page, server, t
 
     info = PngInfo()
     info.add_text("parameters", text)
-    image = Image.new("RGB", (32, 32), "white")
+    image = Image.new("RGBA", (32, 32), "white")  # a mode Gradio would convert, dropping the text
     ImageDraw.Draw(image).rectangle((8, 8, 24, 24), fill="navy")
     image.save(a1111, pnginfo=info)
     tab(page, "PNG info")

@@ -34,6 +34,7 @@ def build_png_info_tab(ctx: AppContext, form: GenerateForm, tabs: gr.Tabs) -> No
         with gr.Column(scale=1):
             dropped = gr.Image(
                 type="filepath",
+                image_mode=None,  # the file as dropped: a converted copy would lose its text chunks
                 label="Drop a PNG",
                 sources=["upload", "clipboard"],
                 height=320,
