@@ -190,12 +190,12 @@ def test_a_page_that_went_away_stops_its_generation(browser, page, server):  # n
     open_generate(leaving, server)
     long_sweep(leaving)
     expect(leaving.locator("#gallery .progress-text, #gallery .eta-bar").first).to_be_attached(timeout=10_000)
-    leaving.wait_for_timeout(1_000)
     images = len(list((server.outputs / "images").glob("*.png")))
-    started = time.perf_counter()
-    leaving.close()
-    fill_form(page, steps=2)  # another page's click is served as soon as the closed one stopped
+    fill_form(page, steps=2)
     page.locator("#generate").click()
+    expect(page.locator("#gallery")).to_contain_text(re.compile(r"queue: ?1/1"))  # it says it waits
+    started = time.perf_counter()
+    leaving.close()  # ... and is served as soon as the closed page's generation stopped
     expect(gallery_images(page)).to_have_count(1, timeout=GENERATE_TIMEOUT_MS)
     waited = time.perf_counter() - started
     print(f"another page's image after closing a generating page: {waited:.2f} s")
