@@ -1,26 +1,32 @@
-"""Generation timing: the base alone, three adapters stacked, and one slider change.
+"""Generation timing: the base alone, three adapters stacked, one slider change, and a Stop.
 
 The Generator writes a mix into the base's weights (W = W0 + sum w_i dW_i, from a pristine copy), so
 a stacked image should cost what the base costs; what a mix costs is paid once, when it changes. The
 three figures show both: s/image for the base and for 3 stacked adapters, and the time of one
 `activate` call with one weight moved (what dragging a slider costs before the next image starts).
+`time_stop` measures how long a Stop takes to end an image: the rest of one denoising step, then the
+VAE decode of the unfinished latents.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from sdlora.config import TrainConfig
 from sdlora.generate import GenerationParams, Generator
+from sdlora.generate.generator import GenerationStopped
 from sdlora.train import train
 
 ADAPTER_WEIGHT = 0.5
 SLIDER_MOVE = 0.05
+STOP_MIN_STEPS = 20  # the least steps of the image a Stop is timed on
 
 
 def train_adapters(
@@ -60,7 +66,7 @@ def _timed(action: Callable[[], object]) -> float:
 def time_generation(
     generator: Generator, adapters: list[Path], params: GenerationParams, images: int
 ) -> dict:
-    """Median s/image of the base and of all `adapters` stacked, and of one slider change.
+    """Median s/image of the base and of all `adapters` stacked, of one slider change, and of a Stop.
 
     Base and stacked images alternate, so a machine's drift in speed (shared CPUs, GPU clocks) falls
     on both alike; the mix is set outside the timed image, as it is when a user generates again.
@@ -79,6 +85,10 @@ def time_generation(
         slider.append(_timed(lambda: generator.activate(moved)))
     base_s, stacked_s, slider_s = (statistics.median(times) for times in (base, stacked, slider))
     generator.activate({})
+    step_s = base_s / params.steps
+    # Pressed in the third step of a longer image, so that no image ends before the press.
+    longer = replace(params, steps=max(STOP_MIN_STEPS, 4 * params.steps))
+    stop = time_stop(generator, longer, after_s=2.5 * step_s, repeats=min(images, 3))
     return {
         "resolution": params.width,
         "steps": params.steps,
@@ -89,7 +99,34 @@ def time_generation(
         "stacked_overhead": round(stacked_s / base_s - 1, 4),
         "slider_change_s": round(slider_s, 4),
         "slider_change_vs_image": round(slider_s / base_s, 4),
+        "step_s": round(step_s, 4),
+        **stop,
     }
+
+
+def time_stop(generator: Generator, params: GenerationParams, after_s: float, repeats: int = 3) -> dict:
+    """Median seconds from `Generator.stop` being set (`after_s` into an image of `params`) to the
+    generation ending with GenerationStopped, and the longest."""
+    latencies = []
+    for _ in range(repeats):
+        stopped_at: list[float] = []
+
+        def press(record: list[float]) -> None:
+            time.sleep(after_s)
+            record.append(time.perf_counter())
+            generator.stop.set()
+
+        presser = threading.Thread(target=press, args=(stopped_at,))
+        presser.start()
+        try:
+            generator.generate(params)
+        except GenerationStopped:
+            latencies.append(time.perf_counter() - stopped_at[0])
+        presser.join()
+        generator.stop.clear()
+    if not latencies:
+        raise RuntimeError(f"the image finished before {after_s} s: give it more steps")
+    return {"stop_s": round(statistics.median(latencies), 4), "stop_max_s": round(max(latencies), 4)}
 
 
 def bench_generation(

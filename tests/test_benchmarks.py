@@ -120,7 +120,7 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
         assert rows and all(row["images_per_s"] > 0 and row["unet_tflop_per_s"] > 0 for row in rows)
     assert [row["trainer"] for row in report["sd15"]["rows"]] == ["sdlora"]
     generation = report["generation"]
-    for key in ("base_s_per_image", "stacked_s_per_image", "slider_change_s"):
+    for key in ("base_s_per_image", "stacked_s_per_image", "slider_change_s", "stop_s"):
         assert generation[key] > 0
     assert generation["adapters"] == 3
     assert [t["status"] for t in report["targets"]] == ["n.a."] * 4 + [report["targets"][-1]["status"]]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from sdlora.adapters import AdapterError
 from sdlora.config import ConfigError, parse_weights
 from sdlora.demo import DEMO_MODEL_DIR, base_spec
-from sdlora.generate.studio import Studio, make_params
+from sdlora.generate.generator import GenerationStopped
+from sdlora.generate.grids import parse_axis
+from sdlora.generate.images import labeled_parameters, parameters_text
+from sdlora.generate.studio import Recalled, Studio, make_params, recall
 from sdlora.models import base_label
 from sdlora.outputs import Outputs
 from sdlora.train import train
@@ -68,3 +74,106 @@ def test_the_studio_reloads_an_adapter_retrained_under_its_name(tiny_base, blob_
 def test_the_studio_refuses_adapters_not_in_the_library(tiny_base, tmp_path):
     with pytest.raises(AdapterError, match="No adapter called 'gone'"):
         Studio(Outputs(tmp_path)).generate(tiny_base, PARAMS, [("gone", 1.0)])
+
+
+A1111_TEXT = (
+    "a blue square <lora:style_dark:0.6>\nNegative prompt: blurry\n"
+    "Steps: 9, Sampler: Euler a, CFG scale: 5.5, Seed: 1234, Size: 48x48, Model: demo, "
+    'Lora: style_outlined:0.7, style_dark:0.6, other:0.5/1, Lora hashes: "x: 1", Version: v1.10.1'
+)
+
+
+def test_recall_gives_the_form_back_from_a1111_text():
+    recalled = recall(A1111_TEXT)
+    assert (recalled.prompt, recalled.negative) == ("a blue square <lora:style_dark:0.6>", "blurry")
+    assert (recalled.seed, recalled.steps, recalled.guidance) == (1234, 9, 5.5)
+    assert (recalled.size, recalled.scheduler) == ("48x48", "euler-a")
+    # style_dark is selected by its tag already; a (text encoder/U-Net) pair gives the U-Net's weight
+    assert recalled.adapters == [("style_outlined", 0.7), ("other", 1.0)]
+
+
+def test_recall_of_a_grid_gives_its_first_image_and_of_nothing_an_empty_form():
+    grid = labeled_parameters(
+        [(f"seed {seed}", _with_text(f"a star\nSteps: 3, Seed: {seed}, Size: 32x32")) for seed in (5, 6)]
+    )
+    recalled = recall(grid)
+    assert (recalled.prompt, recalled.seed, recalled.steps) == ("a star", 5, 3)
+    assert recall("") == Recalled("", "")
+
+
+def _with_text(text: str):
+    image = Image.new("RGB", (8, 8))
+    image.info["parameters"] = text
+    return image
+
+
+def test_parameters_text_of_a_file_that_is_no_image_is_empty(tmp_path):
+    (tmp_path / "notes.png").write_bytes(b"not a png")
+    assert parameters_text(tmp_path / "notes.png") == ""
+
+
+def test_stop_ends_only_its_owners_generation(tiny_base, tmp_path):
+    studio = Studio(Outputs(tmp_path))
+    long = make_params("a sks blob", "", 1, 150, 3.0, "native", "ddim")
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(studio.generate(tiny_base, long, [], owner="page-1"))
+        except GenerationStopped as stopped:
+            outcome.append(stopped)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 60
+    while studio._owner != "page-1":  # the call holds the generator
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not studio.stop("page-2")  # another page's Stop leaves it running
+    assert studio.stop("page-1")
+    worker.join(60)
+    assert isinstance(outcome[0], GenerationStopped)
+    assert not list((tmp_path / "images").glob("*.png"))  # nothing half-made was saved
+    assert not studio.stop("page-1")  # nothing running: a late Stop is a no-op ...
+    assert studio.generate(tiny_base, PARAMS, [], owner="page-1").images  # ... and stops nothing later
+
+
+def test_an_xy_plot_is_saved_as_one_png_naming_library_adapters(tiny_base, blob_folder, tmp_path):
+    train(train_config(blob_folder, tiny_base, tmp_path, steps=1, name="blob"))
+    train(train_config(blob_folder, tiny_base, tmp_path, steps=1, name="dot", seed=1))
+    result = Studio(Outputs(tmp_path)).xy(
+        tiny_base, PARAMS, [], parse_axis("crossfade:blob:dot", "0, 1"), parse_axis("seed", "1, 2")
+    )
+    ((path, _),) = result.images
+    text = parameters_text(path)
+    assert text.count("Seed: ") == 4 and "[seed 2 | blob 0 / dot 1]" in text
+    assert "Lora: blob:0, dot:1" in text
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "message"),
+    [
+        ("seed", "1, 2.5", "whole numbers"),
+        ("steps", "0, 10", "between 1 and"),
+        ("guidance", ", ".join(["1"] * 17), "at most 16"),
+        ("guidance", "", "at least one value"),
+        ("weight:a", "heavy", "numbers separated by commas"),
+        ("colour", "1", "Unknown X/Y axis"),
+    ],
+)
+def test_parse_axis_names_mistakes(kind, text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_axis(kind, text)
+
+
+def test_an_xy_plot_of_a_runs_checkpoints(tiny_base, blob_folder, tmp_path):
+    result = train(train_config(blob_folder, tiny_base, tmp_path, steps=2, save_every=1, name="blob"))
+    studio = Studio(Outputs(tmp_path))
+    assert studio.checkpoint_runs() == {result.run.name: [1, 2]}
+    grid = studio.xy(tiny_base, PARAMS, [], parse_axis(f"checkpoint:{result.run.name}", "1, 2"))
+    text = parameters_text(grid.images[0][0])
+    assert "[step 2]" in text and f"Lora: {result.run.name}_step1:1" in text
+    with pytest.raises(ConfigError, match="has no checkpoint at step 3; it has 1, 2"):
+        studio.xy(tiny_base, PARAMS, [], parse_axis(f"checkpoint:{result.run.name}", "3"))
+    with pytest.raises(ConfigError, match="No run called"):
+        studio.xy(tiny_base, PARAMS, [], parse_axis("checkpoint:../elsewhere", "1"))

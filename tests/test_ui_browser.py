@@ -321,7 +321,7 @@ def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(bro
 
 def test_stack_two_adapters_and_compare_side_by_side(page, server):
     tab(page, "Generate")
-    page.locator("#prompt textarea").fill("a red circle on a white background")
+    page.locator("#gen-prompt textarea").fill("a red circle on a white background")
     set_number(page, "gen-steps", 20)
     pick(page, "adapter-0", "style_outlined")
     pick(page, "adapter-1", "style_dark")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
+from sdlora.config import ConfigError
+from sdlora.generate.studio import Recalled
 from sdlora.jobs import JobView
 from ui.app import base_notice
-from ui.generate_tab import chosen_adapters
+from ui.generate_tab import CROSSFADE, axis_kind, chosen_adapters, filled, gallery_columns
 from ui.train_tab import loss_frame, progress_bar
 
 
@@ -30,3 +34,26 @@ def test_the_progress_bar_and_loss_curve_come_from_the_job_view():
 def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():
     view = JobView("No training job yet.", 0, 0, [], [], False)
     assert progress_bar(view) == "" and loss_frame(view).empty
+
+
+def test_galleries_are_near_square_so_every_count_up_to_16_fits():
+    assert [gallery_columns(n) for n in (1, 2, 4, 5, 9, 10, 16)] == [1, 2, 2, 3, 3, 4, 4]
+
+
+def test_x_y_axes_name_the_adapters_their_rows_picked():
+    pickers = ["style_dark", "style_outlined", None, None]
+    assert axis_kind("Adapter 2 weight", pickers) == "weight:style_outlined"
+    assert axis_kind(CROSSFADE, pickers) == "crossfade:style_dark:style_outlined"
+    assert axis_kind("Checkpoints of run-20260101-000000", pickers) == "checkpoint:run-20260101-000000"
+    assert axis_kind("Guidance", pickers) == "guidance"
+    with pytest.raises(ConfigError, match="needs an adapter picked in row 3"):
+        axis_kind("Adapter 3 weight", pickers)
+
+
+def test_settings_sent_to_generate_keep_library_adapters_and_name_the_others():
+    recalled = Recalled("a star", "", 5, None, 7.5, "32x32", "ddim", [("kept", 0.5), ("gone", 1.0)])
+    values = filled(recalled, ["kept"])
+    assert values[:3] == ["a star", "", 5] and values[5:7] == ["32x32", "ddim"]
+    assert values[7].value == "kept" and values[8] is True and values[9] == 0.5
+    assert values[10].value is None and values[11] is False
+    assert "left out: gone" in values[-1]

@@ -24,6 +24,7 @@ from ui.adapters_tab import build_adapters_tab
 from ui.common import USER_ERRORS, AppContext, problem
 from ui.generate_tab import build_generate_tab
 from ui.guard import ServerGuard
+from ui.images_tab import GENERATE_TAB, build_history_tab, build_png_info_tab
 from ui.runs_tab import build_runs_tab
 from ui.train_tab import build_train_tab
 
@@ -35,7 +36,8 @@ CACHE_CLEANING = (3600, 86_400)
 # Demo images are 32 px: scaled up smoothly they are a blur, so show their pixels.
 CSS = """
 .pixelated img { image-rendering: pixelated; }
-#library-sample img { width: 100%; height: 100%; object-fit: contain; }
+#library-sample img, #png-drop img { width: 100%; height: 100%; object-fit: contain; }
+.sdlora-gallery .grid-wrap { max-height: none; overflow: visible; }
 .sdlora-progress { display: flex; gap: 1em; align-items: center; }
 .sdlora-progress progress { flex: 1; height: 1.2em; }
 """
@@ -56,6 +58,13 @@ document.addEventListener("change", (event) => {{
     transfer.items.add(new File([file], name, {{ type: file.type, lastModified: file.lastModified }}));
   }}
   input.files = transfer.files;
+}}, true);
+// AUTOMATIC1111's habit: Ctrl+Enter (Cmd+Enter on a Mac) in a prompt box generates.
+document.addEventListener("keydown", (event) => {{
+  if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+  if (!event.target.closest?.("#gen-prompt, #gen-negative")) return;
+  event.preventDefault();
+  document.querySelector("#generate")?.click();
 }}, true);
 </script>"""
 
@@ -84,15 +93,25 @@ def build_app(
             )
             load = gr.Button("Load", scale=1, elem_id="load-base")
         notice = gr.Markdown(base_notice(base), elem_id="base-notice")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Train", id="train"):
                 build_train_tab(app, ctx, base_box, base)
             with gr.Tab("Runs", id="runs") as runs_tab:
                 build_runs_tab(ctx, runs_tab)
-            with gr.Tab("Generate", id="generate") as generate_tab:
-                build_generate_tab(ctx, base_box, generate_tab)
+            with gr.Tab("Generate", id=GENERATE_TAB) as generate_tab:
+                form = build_generate_tab(ctx, base_box, load, generate_tab)
+            with gr.Tab("PNG info", id="png-info"):
+                build_png_info_tab(ctx, form, tabs)
+            with gr.Tab("History", id="history") as history_tab:
+                build_history_tab(ctx, form, history_tab, tabs)
             with gr.Tab("Adapters", id="adapters") as adapters_tab:
                 build_adapters_tab(ctx, adapters_tab)
+
+        def left(request: gr.Request) -> None:
+            """A page that went away (closed, reloaded, lost) stops its generation between two steps."""
+            ctx.studio.stop(request.session_hash)
+
+        app.unload(left)
 
         def loaded(text: str) -> str:
             try:

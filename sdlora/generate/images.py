@@ -51,20 +51,32 @@ def labeled_parameters(labeled: Sequence[tuple[str, Image.Image]]) -> str:
 
 
 # AUTOMATIC1111's "key: value, key: value" line (values may be quoted), the last line of its text.
+_LABEL = re.compile(r"\[[^\]\n]*\]\n")  # "[label]" opening each image's text in labeled_parameters
 _PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def read_parameters(image: Image.Image | str | Path) -> dict[str, str]:
     """The generation parameters a PNG carries (A1111's `parameters` text, as sdlora, A1111, Forge and
     ComfyUI's A1111-format savers write it): 'Prompt', 'Negative prompt', then each 'Key: value'."""
+    return parse_parameters(parameters_text(image))
+
+
+def parameters_text(image: Image.Image | str | Path) -> str:
+    """The `parameters` text chunk of a PNG as written ('' when it has none, or is no image PIL reads)."""
     if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            return read_parameters(opened)
+        try:
+            with Image.open(image) as opened:
+                return parameters_text(opened)
+        except (OSError, ValueError):  # PIL.UnidentifiedImageError is an OSError
+            return ""
     text = image.info.get("parameters", "")
-    return parse_parameters(text) if isinstance(text, str) else {}
+    return text if isinstance(text, str) else ""
 
 
 def parse_parameters(text: str) -> dict[str, str]:
+    """A1111's text as fields; of several labelled images' texts (a grid's), the first image's."""
+    if _LABEL.match(text) and "\n\n[" in text:
+        text = text.split("\n\n[", 1)[0].split("]\n", 1)[1]
     lines = text.strip().split("\n")
     fields: dict[str, str] = {}
     if lines and _PARAMETER.findall(lines[-1]) and "Steps:" in lines[-1]:
