@@ -102,7 +102,8 @@ class TrainConfig:
     network: str = option(
         "lora",
         "Network type: lora (attention layers), locon (LoRA also on the U-Net's resnet and resampling "
-        "convolutions), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product); all are "
+        "convolutions), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product), both "
+        "also on those convolutions as LyCORIS does; all are "
         "written in the kohya/LyCORIS layout that AUTOMATIC1111, Forge and ComfyUI load.",
         choices=NETWORK_TYPES,
     )
@@ -115,8 +116,12 @@ class TrainConfig:
         "rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank, so high ranks still learn (LoRA and LoCon); "
         "the file holds the equivalent alpha for the usual rule.",
     )
-    conv_rank: int | None = option(None, "LoCon: rank of the convolution adapters. Default: --rank.")
-    conv_alpha: float | None = option(None, "LoCon: alpha of the convolution adapters. Default: --conv-rank.")
+    conv_rank: int | None = option(
+        None, "LoCon, LoHa, LoKr: rank of the convolution adapters. Default: --rank."
+    )
+    conv_alpha: float | None = option(
+        None, "LoCon, LoHa, LoKr: alpha of the convolution adapters. Default: --conv-rank."
+    )
     caption_extension: str = option(
         ".txt", "Extension of the caption files beside the images: .txt (default) or e.g. .caption."
     )
@@ -230,8 +235,9 @@ class TrainConfig:
             lora_like or not self.rslora, f"--rslora works with --network lora or locon, not {self.network}."
         )
         _check(
-            self.network == "locon" or (self.conv_rank is None and self.conv_alpha is None),
-            "--conv-rank/--conv-alpha need --network locon (only LoCon trains the convolutions).",
+            self.network != "lora" or (self.conv_rank is None and self.conv_alpha is None),
+            "--conv-rank/--conv-alpha need --network locon, loha or lokr (plain lora leaves the "
+            "convolutions alone).",
         )
         _check(self.optimizer in OPTIMIZER_NAMES, f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}.")
         _check(
