@@ -27,6 +27,16 @@ def test_the_progress_bar_and_loss_curve_come_from_the_job_view():
     assert len(frame[frame.curve == "smoothed"]) == 2
 
 
+def test_the_loss_curve_shows_the_validation_loss_once_the_run_measures_it():
+    view = JobView(
+        "running", 4, 4, [(1, 1.0), (2, 0.5), (3, 0.6), (4, 0.4)], [], True, "", [(2, 0.7), (4, 0.65)]
+    )
+    frame = loss_frame(view)
+    validation = frame[frame.curve == "validation"]
+    assert list(zip(validation.step, validation.loss, strict=True)) == [(2, 0.7), (4, 0.65)]
+    assert "validation" not in set(loss_frame(JobView("running", 1, 4, [(1, 1.0)], [], True)).curve)
+
+
 def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():
     view = JobView("No training job yet.", 0, 0, [], [], False)
     assert progress_bar(view) == "" and loss_frame(view).empty

@@ -138,8 +138,24 @@ def restore_adapter_state(
     accelerator: Accelerator, parts: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]
 ) -> None:
     """Load what `adapter_state` saved into the same parts; a mismatch (another rank or targets) fails."""
+    load_adapter_state({prefix: accelerator.unwrap_model(model) for prefix, model in parts.items()}, state)
+
+
+def load_adapter_state(parts: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     for prefix, model in parts.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        result = set_peft_model_state_dict(accelerator.unwrap_model(model), part)
+        result = set_peft_model_state_dict(model, part)
         if getattr(result, "unexpected_keys", None):
             raise TrainingError(f"Checkpoint does not match the {prefix} LoRA: {result.unexpected_keys[:3]}")
+
+
+def checkpoint_parts(config: TrainConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """The run's base (unquantized) with its adapter layers holding a checkpoint's weights, by part:
+    a checkpoint becomes an adapter through the same layers, and so the same writer, as a finished run."""
+    from sdlora.models import load_base
+    from sdlora.train.conditioning import TextConditioner
+
+    pipe = load_base(config.base)
+    parts = add_adapters(config, pipe.unet, TextConditioner(pipe).encoders)
+    load_adapter_state(parts, state)
+    return parts
