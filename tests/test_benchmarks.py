@@ -127,3 +127,36 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     assert report["targets"][-1]["status"] in ("PASS", "FAIL")
     summary = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| target | measured | status |" in summary and summary in result.stdout
+
+
+def test_quantized_memory_counts_the_int8_unet_smaller(tiny_base):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quantized_memory", "--base", tiny_base, "--resolution", "16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    none, int8 = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (none["quantize_base"], int8["quantize_base"]) == ("none", "int8")
+    assert (
+        none["quantized_linear_layers"] == 0 and int8["quantized_linear_layers"] == int8["linear_layers"] > 0
+    )
+    assert int8["unet_weights_mib"] < none["unet_weights_mib"] and int8["peak_mib"] > 0
+    assert "| int8 |" in result.stdout
+
+
+def test_methods_table_trains_each_row_and_says_where_it_loads(tiny_base, blob_folder, tmp_path):
+    rows = "lora,loha (+convs),nf4 base (bitsandbytes)"
+    command = [sys.executable, "-m", "benchmarks.methods", "--base", tiny_base, "--data", str(blob_folder)]
+    command += ["--steps", "6", "--validate-every", "2", "--only", rows, "--out", str(tmp_path / "m.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lora, loha, nf4 = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert lora["validation_first"][0] == 2 and lora["validation_last"][0] == 6
+    assert lora["step_time_vs_lora"] == 1.0 and loha["step_cpu_s"] > 0 and loha["file_kib"] > 0
+    assert lora["loads_sdlora"] == loha["loads_sdlora"] == "yes" and lora["loads_diffusers"] == "yes"
+    if not torch.cuda.is_available():
+        assert nf4 == {"method": "nf4 base (bitsandbytes)", "skipped": "needs CUDA"}
+    assert "| loha (+convs) |" in result.stdout
