@@ -40,3 +40,21 @@ def test_the_loss_curve_shows_the_validation_loss_once_the_run_measures_it():
 def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():
     view = JobView("No training job yet.", 0, 0, [], [], False)
     assert progress_bar(view) == "" and loss_frame(view).empty
+
+
+def test_the_advanced_section_offers_the_quantized_base_and_tensorboard(tmp_path):
+    from ui.app import build_app
+
+    app = build_app(tmp_path)
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for elem_id, choices in [
+        ("quantize-base", ["none", "nf4", "int8"]),
+        ("log-with", ["none", "tensorboard"]),
+    ]:
+        control = by_id[elem_id]
+        assert [value for _, value in control.choices] == choices
+        assert "pip install" in control.info
+        parent = control.parent
+        while parent is not None and parent.elem_id != "advanced":
+            parent = parent.parent
+        assert parent is not None, f"{elem_id} is not in the Advanced section"
