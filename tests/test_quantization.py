@@ -80,13 +80,19 @@ def test_training_on_an_int8_base_learns_and_records_it(tiny_base, blob_folder, 
     assert json.loads(RunFolder(result.run).config.read_text())["quantize_base"] == "int8"
 
 
-def test_missing_int8_backend_says_what_to_install(monkeypatch):
+def test_missing_int8_backend_says_what_to_install_before_any_run_starts(
+    monkeypatch, tiny_base, blob_folder, tmp_path
+):
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a)
     )
     with pytest.raises(QuantizationError, match=r"pip install 'sdlora\[quant\]'"):
         pipeline_quantization("int8", torch.float32, ["unet"])
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", quantize_base="int8")
+    with pytest.raises(QuantizationError, match=r"pip install 'sdlora\[quant\]'"):
+        train(config)
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")

@@ -34,6 +34,7 @@ def pipeline_quantization(kind: str, compute_dtype: torch.dtype, components: Ite
     for 'none'."""
     if kind == "none":
         return None
+    check_backend(kind)
     from diffusers import PipelineQuantizationConfig
 
     make = {"nf4": _nf4, "int8": _int8}[kind]
@@ -41,8 +42,19 @@ def pipeline_quantization(kind: str, compute_dtype: torch.dtype, components: Ite
     return PipelineQuantizationConfig(quant_mapping={name: make(name, compute_dtype) for name in wanted})
 
 
+def check_backend(kind: str) -> None:
+    """Fail before any model loads when `kind` can't run here, saying what to install or use instead."""
+    if kind == "int8":
+        _require("torchao", "--quantize-base int8 needs torchao: pip install 'sdlora[quant]'")
+    elif kind == "nf4":
+        if not torch.cuda.is_available():
+            raise QuantizationError(
+                "--quantize-base nf4 needs a CUDA GPU (bitsandbytes); on the CPU use --quantize-base int8."
+            )
+        _require("bitsandbytes", "--quantize-base nf4 needs bitsandbytes: pip install 'sdlora[cuda]'")
+
+
 def _int8(component: str, compute_dtype: torch.dtype):
-    _require("torchao", "--quantize-base int8 needs torchao: pip install 'sdlora[quant]'")
     from torchao.quantization import Int8WeightOnlyConfig
 
     if component == "unet":
@@ -53,11 +65,6 @@ def _int8(component: str, compute_dtype: torch.dtype):
 
 
 def _nf4(component: str, compute_dtype: torch.dtype):
-    if not torch.cuda.is_available():
-        raise QuantizationError(
-            "--quantize-base nf4 needs a CUDA GPU (bitsandbytes); on the CPU use --quantize-base int8."
-        )
-    _require("bitsandbytes", "--quantize-base nf4 needs bitsandbytes: pip install 'sdlora[cuda]'")
     if component == "unet":
         from diffusers import BitsAndBytesConfig
     else:

@@ -34,7 +34,7 @@ from sdlora.config import TrainConfig
 from sdlora.data import Item, make_buckets, missing_captions, scan_folder
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
-from sdlora.models.quantization import is_quantized
+from sdlora.models.quantization import check_backend, is_quantized
 from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
 from sdlora.train.captions import varies_captions
@@ -109,6 +109,7 @@ def train(
     run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
 
     check_tracker(config.log_with)
+    check_backend(config.quantize_base)
     accelerator = _accelerator(config, run.path.parent if run else outputs.runs)
     if run is None:  # one run folder for all processes: the main one makes it and tells the others
         made = [str(new_run(outputs, name).path) if accelerator.is_main_process else None]
