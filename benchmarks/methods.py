@@ -4,8 +4,8 @@ steps on the same base with the same seed, and the table gives
 - the validation loss (fixed noise and timesteps, on a held-out quarter of the images) at the first
   measurement and at the last, and the last against plain LoRA's (lower is better);
 - the step time relative to plain LoRA: the process's CPU time per step (`time.process_time` at each
-  step event; the median, the first steps and those after a validation left out), which other work on
-  a shared machine changes far less than the wall-clock time;
+  step event; the median, the first steps and those after a validation left out) with torch on one
+  thread, so that neither other work on a shared machine nor idle threads spinning count in it;
 - the adapter file's size;
 - whether the file loads in sdlora (and changes the U-Net's output) and in diffusers' `load_lora_weights`
   (and then whether diffusers' effect on the U-Net matches sdlora's, within 1%).
@@ -128,6 +128,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from sdlora.train import read_events, train
     from sdlora.train.events import StepEvent
 
+    torch.set_num_threads(1)  # CPU time then measures the work, not threads waiting for each other
     args.base = resolve_base(args.base)
     plain = unet_output(load_base(args.base).unet)
     wanted = args.only.split(",") if args.only else list(METHODS)
