@@ -172,9 +172,13 @@ def test_sdxl_lycoris_file_with_both_text_encoders(preset, tmp_path):
     assert_matches(outputs(generator.pipe, sdxl=True), reference, base)
 
 
-@pytest.mark.parametrize("network", ["locon", "loha", "lokr"])
-def test_the_files_sdlora_trains_load_in_lycoris_as_in_sdlora(network, tmp_path):
-    """The other way round: LoCon, LoHa and LoKr layers as sdlora trains them (resnet and resampling
+@pytest.mark.parametrize(
+    "options",
+    [dict(network="locon"), dict(network="loha"), dict(network="lokr"), dict(network="locon", dora=True)],
+    ids=["locon", "loha", "lokr", "locon-dora"],
+)
+def test_the_files_sdlora_trains_load_in_lycoris_as_in_sdlora(options, tmp_path):
+    """The other way round: LoCon, LoHa, LoKr and DoRA layers as sdlora trains them (resnet and resampling
     convolutions included, with their own rank), written by sdlora, read by LyCORIS's own loader
     (`create_network_from_weights`), move the demo model as sdlora's Generator does."""
     from sdlora.adapters import AdapterFacts, LoraFile, write_lora
@@ -183,9 +187,8 @@ def test_the_files_sdlora_trains_load_in_lycoris_as_in_sdlora(network, tmp_path)
     from sdlora.train.networks import add_adapters
     from tests.test_networks import _randomise
 
-    config = TrainConfig(
-        data_dir=str(tmp_path), network=network, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0
-    )
+    config = TrainConfig(data_dir=str(tmp_path), rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, **options)
+    network = config.network
     trained = load_base(None)
     add_adapters(config, trained.unet, {})
     _randomise(trained.unet, seed=5)
