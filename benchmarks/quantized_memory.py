@@ -96,25 +96,42 @@ def main() -> None:
         from benchmarks.architectures import build_random_base
 
         base = str(build_random_base("sd15", ROOT / "outputs" / "bench_models" / "sd15"))
+    try:
+        rows = compare(base, args.kinds.split(","), args.resolution, args.rank)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
+    print(f"base: {base}, one LoRA step (rank {args.rank}) at {args.resolution} px")
+    print("\n".join(table(rows)))
+    print(json.dumps(rows))
+
+
+def compare(base: str, kinds: list[str], resolution: int, rank: int) -> list[dict]:
+    """One `measure` per kind, each in its own process; the first kind is the reference of the ratios."""
     rows = []
-    for kind in args.kinds.split(","):
+    for kind in kinds:
         command = [sys.executable, "-m", "benchmarks.quantized_memory", "--child", kind, "--base", base]
-        command += ["--resolution", str(args.resolution), "--rank", str(args.rank)]
+        command += ["--resolution", str(resolution), "--rank", str(rank)]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
-            raise SystemExit(f"{kind}: {done.stderr.strip().splitlines()[-1]}")
+            raise RuntimeError(f"--quantize-base {kind}: {done.stderr.strip().splitlines()[-1]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    plain = rows[0]
-    print(f"base: {base}, one LoRA step (rank {args.rank}) at {args.resolution} px")
-    print("| --quantize-base | U-Net weights MiB | vs none | peak MiB | vs none | peak is |")
-    print("|---|---|---|---|---|---|")
     for row in rows:
-        print(
-            f"| {row['quantize_base']} | {row['unet_weights_mib']} | "
-            f"{row['unet_weights_mib'] / plain['unet_weights_mib']:.2f}x | {row['peak_mib']} | "
-            f"{row['peak_mib'] / plain['peak_mib']:.2f}x | {row['peak_is']} |"
+        row["weights_vs_first"] = round(row["unet_weights_mib"] / rows[0]["unet_weights_mib"], 3)
+        row["peak_vs_first"] = round(row["peak_mib"] / rows[0]["peak_mib"], 3)
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| --quantize-base | U-Net weights MiB | vs none | peak MiB | vs none | peak is |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['quantize_base']} | {row['unet_weights_mib']} | {row['weights_vs_first']:.2f}x | "
+            f"{row['peak_mib']} | {row['peak_vs_first']:.2f}x | {row['peak_is']} |"
         )
-    print(json.dumps(rows))
+    return lines
 
 
 if __name__ == "__main__":

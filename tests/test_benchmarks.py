@@ -111,7 +111,7 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["mode"] == "reduced"
     assert {name: s["status"] for name, s in report["sections"].items()} == dict.fromkeys(
-        ("tests", "sd15", "sdxl", "generation"), "done"
+        ("tests", "sd15", "quantized", "sdxl", "generation"), "done"
     )
     if not torch.cuda.is_available():
         assert report["tests"]["passed"] == 0 and report["tests"]["skipped"] > 0  # collected, then skipped
@@ -119,6 +119,8 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
         rows = report[arch]["rows"]
         assert rows and all(row["images_per_s"] > 0 and row["unet_tflop_per_s"] > 0 for row in rows)
     assert [row["trainer"] for row in report["sd15"]["rows"]] == ["sdlora"]
+    assert [row["quantize_base"] for row in report["quantized"]["rows"]] == ["none", "int8"]
+    assert report["quantized"]["rows"][1]["weights_vs_first"] < 1
     generation = report["generation"]
     for key in ("base_s_per_image", "stacked_s_per_image", "slider_change_s"):
         assert generation[key] > 0
@@ -127,6 +129,7 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     assert report["targets"][-1]["status"] in ("PASS", "FAIL")
     summary = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| target | measured | status |" in summary and summary in result.stdout
+    assert "**Quantized base**" in summary
 
 
 def test_quantized_memory_counts_the_int8_unet_smaller(tiny_base):
