@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "training_data" / "sks_star"
 PROMPT = "a purple sks shape"
 RANK = 8
-SECTIONS = ("tests", "sd15", "generation", "sdxl")
+SECTIONS = ("tests", "sd15", "quantized", "generation", "sdxl")
 TEST_TIMEOUT_S = 420
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 # What the project promises on a GPU (issue #21); reported, never asserted.
@@ -233,6 +233,20 @@ class Check:
             "rows": rows,
         }
 
+    def quantized(self) -> dict:
+        """The U-Net's memory with and without --quantize-base (int8, and NF4 with CUDA), SD 1.5."""
+        import torch
+
+        from benchmarks.quantized_memory import compare
+
+        kinds = ["none", "int8", *(["nf4"] if torch.cuda.is_available() else [])]
+        resolution = self.plan.training[0].resolution
+        return {
+            "arch": "sd15",
+            "resolution": resolution,
+            "rows": compare(self.base_for("sd15"), kinds, resolution, RANK),
+        }
+
     def generation(self) -> dict:
         from benchmarks.generation import bench_generation
 
@@ -403,6 +417,17 @@ def markdown(results: dict) -> str:
         if ratio:
             lines.append(f"\nsdlora/reference: {ratio}")
         lines.append("")
+    quantized = results.get("quantized")
+    if quantized and "rows" in quantized:
+        from benchmarks.quantized_memory import table
+
+        lines.append(
+            f"**Quantized base**, SD 1.5 architecture, one LoRA step at {quantized['resolution']} px "
+            "(U-Net weights, and the peak):"
+        )
+        lines += ["", *table(quantized["rows"]), ""]
+    elif quantized:
+        lines += [f"**Quantized base failed:** {quantized.get('error', '')[:300]}", ""]
     generation = results.get("generation")
     if generation and "base_s_per_image" in generation:
         lines.append(
@@ -484,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     sd15, sdxl = check.plan.training
     check.section("tests", check.tests)
     check.section("sd15", lambda: check.training(sd15))
+    check.section("quantized", check.quantized)
     check.section("generation", check.generation)
     check.section("sdxl", lambda: check.training(sdxl))
     check.write()

@@ -19,6 +19,10 @@ FORMATS = (*FILE_FORMATS, "peft")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "adafactor", "adamw-schedulefree")
 # Trained network types (sdlora.train.networks has one entry for each).
 NETWORK_TYPES = ("lora", "locon", "loha", "lokr")
+# Quantized frozen bases (sdlora.models.quantization builds each).
+QUANTIZATIONS = ("none", "nf4", "int8")
+# Experiment trackers (sdlora.train.tracking feeds them through accelerate).
+TRACKERS = ("none", "tensorboard")
 
 
 class ConfigError(SdloraError, ValueError):
@@ -102,7 +106,8 @@ class TrainConfig:
     network: str = option(
         "lora",
         "Network type: lora (attention layers), locon (LoRA also on the U-Net's resnet and resampling "
-        "convolutions), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product); all are "
+        "convolutions), loha (Hadamard product of two low-rank pairs) or lokr (Kronecker product), both "
+        "also on those convolutions as LyCORIS does; all are "
         "written in the kohya/LyCORIS layout that AUTOMATIC1111, Forge and ComfyUI load.",
         choices=NETWORK_TYPES,
     )
@@ -115,8 +120,12 @@ class TrainConfig:
         "rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank, so high ranks still learn (LoRA and LoCon); "
         "the file holds the equivalent alpha for the usual rule.",
     )
-    conv_rank: int | None = option(None, "LoCon: rank of the convolution adapters. Default: --rank.")
-    conv_alpha: float | None = option(None, "LoCon: alpha of the convolution adapters. Default: --conv-rank.")
+    conv_rank: int | None = option(
+        None, "LoCon, LoHa, LoKr: rank of the convolution adapters. Default: --rank."
+    )
+    conv_alpha: float | None = option(
+        None, "LoCon, LoHa, LoKr: alpha of the convolution adapters. Default: --conv-rank."
+    )
     caption_extension: str = option(
         ".txt", "Extension of the caption files beside the images: .txt (default) or e.g. .caption."
     )
@@ -163,6 +172,13 @@ class TrainConfig:
         choices=("auto", "no", "fp16", "bf16"),
     )
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the U-Net.")
+    quantize_base: str = option(
+        "none",
+        "Load the frozen U-Net and text encoders quantized to save memory (QLoRA): nf4 (4-bit, CUDA, needs "
+        "bitsandbytes) or int8 (torchao, also on the CPU; pip install 'sdlora[quant]'). The LoRA trains in "
+        "full precision and the file works on the ordinary base.",
+        choices=QUANTIZATIONS,
+    )
     tf32: bool = option(
         True, "Let fp32 matrix maths use TF32 on Ampere and newer GPUs (faster, tiny precision cost)."
     )
@@ -205,6 +221,12 @@ class TrainConfig:
         "Measure the validation loss every N steps (0: at every checkpoint and at the last step). "
         "The same noise every time, so the numbers compare.",
     )
+    log_with: str = option(
+        "none",
+        "Also log the loss, validation loss, learning rate, gradient norm and samples to TensorBoard, in the "
+        "run folder (view with `tensorboard --logdir OUTPUTS/runs`; pip install 'sdlora[log]').",
+        choices=TRACKERS,
+    )
     sample_prompt: list[str] = option([], "Prompt for sample images (repeat the flag for more).", repeat=True)
     resume: str | None = option(
         None,
@@ -230,9 +252,14 @@ class TrainConfig:
             lora_like or not self.rslora, f"--rslora works with --network lora or locon, not {self.network}."
         )
         _check(
-            self.network == "locon" or (self.conv_rank is None and self.conv_alpha is None),
-            "--conv-rank/--conv-alpha need --network locon (only LoCon trains the convolutions).",
+            self.network != "lora" or (self.conv_rank is None and self.conv_alpha is None),
+            "--conv-rank/--conv-alpha need --network locon, loha or lokr (plain lora leaves the "
+            "convolutions alone).",
         )
+        _check(
+            self.quantize_base in QUANTIZATIONS, f"--quantize-base must be one of {', '.join(QUANTIZATIONS)}."
+        )
+        _check(self.log_with in TRACKERS, f"--log-with must be one of {', '.join(TRACKERS)}.")
         _check(self.optimizer in OPTIMIZER_NAMES, f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}.")
         _check(
             self.optimizer != "prodigy" or self.lr >= 0.1,

@@ -32,6 +32,7 @@ from sdlora.train.events import (
     SampleEvent,
     StartEvent,
     StepEvent,
+    ValidationEvent,
 )
 from sdlora.train.launch import train_distributed
 from sdlora.train.runs import RunFolder, RunState, run_config, run_info
@@ -228,11 +229,32 @@ class JobView:
     samples: list[tuple[str, str]]
     active: bool
     settings: str = ""  # the job's settings, one 'option = value' per line
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def smoothed_losses(self) -> list[tuple[int, float]]:
-        """The loss curve a person can read: per-step losses are mostly noise."""
-        return list(zip([s for s, _ in self.losses], smooth([v for _, v in self.losses]), strict=True))
+        return smoothed_losses(self.losses)
+
+    @property
+    def curves(self) -> list[tuple[int, float, str]]:
+        return loss_curves(self.losses, self.validation_losses)
+
+
+def smoothed_losses(losses: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The loss curve a person can read: per-step losses are mostly noise."""
+    return list(zip([s for s, _ in losses], smooth([v for _, v in losses]), strict=True))
+
+
+def loss_curves(
+    losses: Sequence[tuple[int, float]], validation: Sequence[tuple[int, float]] = ()
+) -> list[tuple[int, float, str]]:
+    """The loss chart's points as (step, loss, curve): the raw step losses, their smoothed curve and,
+    once the run measures it, the validation loss (a rise there while training's falls is overfitting)."""
+    return [
+        *((step, value, "raw") for step, value in losses),
+        *((step, value, "smoothed") for step, value in smoothed_losses(losses)),
+        *((step, value, "validation") for step, value in validation),
+    ]
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
@@ -276,9 +298,19 @@ def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:
     if waiting:
         status += "  \nQueued after it: " + ", ".join(f"job {j.id} ({j.config.name})" for j in waiting)
     losses = [(e.step, e.loss) for e in job.events if isinstance(e, StepEvent)]
+    validation = {e.step: e.loss for e in job.events if isinstance(e, ValidationEvent)}
     samples = [(path, f"step {e.step}") for e in job.events if isinstance(e, SampleEvent) for path in e.paths]
     active = not job.finished or bool(waiting)
-    return JobView(status, done, total, losses, samples[::-1], active, settings_text(job.config))
+    return JobView(
+        status,
+        done,
+        total,
+        losses,
+        samples[::-1],
+        active,
+        settings_text(job.config),
+        sorted(validation.items()),
+    )
 
 
 def _status_line(job: Job, step: StepEvent | None) -> str:

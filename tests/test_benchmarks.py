@@ -111,7 +111,7 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["mode"] == "reduced"
     assert {name: s["status"] for name, s in report["sections"].items()} == dict.fromkeys(
-        ("tests", "sd15", "sdxl", "generation"), "done"
+        ("tests", "sd15", "quantized", "sdxl", "generation"), "done"
     )
     if not torch.cuda.is_available():
         assert report["tests"]["passed"] == 0 and report["tests"]["skipped"] > 0  # collected, then skipped
@@ -119,6 +119,8 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
         rows = report[arch]["rows"]
         assert rows and all(row["images_per_s"] > 0 and row["unet_tflop_per_s"] > 0 for row in rows)
     assert [row["trainer"] for row in report["sd15"]["rows"]] == ["sdlora"]
+    assert [row["quantize_base"] for row in report["quantized"]["rows"]] == ["none", "int8"]
+    assert report["quantized"]["rows"][1]["weights_vs_first"] < 1
     generation = report["generation"]
     for key in ("base_s_per_image", "stacked_s_per_image", "slider_change_s", "stop_s"):
         assert generation[key] > 0
@@ -127,3 +129,37 @@ def test_gpu_check_runs_reduced_on_the_cpu(tmp_path):
     assert report["targets"][-1]["status"] in ("PASS", "FAIL")
     summary = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| target | measured | status |" in summary and summary in result.stdout
+    assert "**Quantized base**" in summary
+
+
+def test_quantized_memory_counts_the_int8_unet_smaller(tiny_base):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quantized_memory", "--base", tiny_base, "--resolution", "16"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    none, int8 = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (none["quantize_base"], int8["quantize_base"]) == ("none", "int8")
+    assert (
+        none["quantized_linear_layers"] == 0 and int8["quantized_linear_layers"] == int8["linear_layers"] > 0
+    )
+    assert int8["unet_weights_mib"] < none["unet_weights_mib"] and int8["peak_mib"] > 0
+    assert "| int8 |" in result.stdout
+
+
+def test_methods_table_trains_each_row_and_says_where_it_loads(tiny_base, blob_folder, tmp_path):
+    rows = "lora,loha (+convs),nf4 base (bitsandbytes)"
+    command = [sys.executable, "-m", "benchmarks.methods", "--base", tiny_base, "--data", str(blob_folder)]
+    command += ["--steps", "6", "--validate-every", "2", "--only", rows, "--out", str(tmp_path / "m.json")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lora, loha, nf4 = json.loads((tmp_path / "m.json").read_text())["rows"]
+    assert lora["validation_first"][0] == 2 and lora["validation_last"][0] == 6
+    assert lora["step_time_vs_lora"] == 1.0 and loha["step_cpu_s"] > 0 and loha["file_kib"] > 0
+    assert lora["loads_sdlora"] == loha["loads_sdlora"] == "yes" and lora["loads_diffusers"] == "yes"
+    if not torch.cuda.is_available():
+        assert nf4 == {"method": "nf4 base (bitsandbytes)", "skipped": "needs CUDA"}
+    assert "| loha (+convs) |" in result.stdout

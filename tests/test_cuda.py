@@ -162,6 +162,44 @@ def test_two_hundred_fp16_mixes_on_the_gpu_leave_the_base_bit_identical(tiny_bas
         assert torch.equal(value, fresh[key]), key
 
 
+def test_nf4_base_trains_an_adapter_that_works_on_the_full_base(tiny_base, blob_folder, tmp_path):
+    """QLoRA: the U-Net and text encoder load as bitsandbytes NF4, the LoRA trains on top, and the file
+    moves the ordinary fp32 base as the layers moved the NF4 one. NF4 keeps 16 levels per block of 64
+    weights, so each frozen weight is off by up to ~1/16 of its block's largest (int8: 1/254): the two
+    effects agree to 25%; a wrong file (effect missing, doubled, mis-scaled) is off by 100%."""
+    pytest.importorskip("bitsandbytes", reason="pip install 'sdlora[cuda]'")
+    from sdlora.adapters import AdapterFacts, LoraFile, read_lora, write_lora
+    from sdlora.adapters.from_peft import modules_from_peft_model
+    from sdlora.models import load_base
+    from sdlora.train.networks import add_adapters
+    from tests.test_networks import _randomise
+    from tests.tiny_models import load, unet_output
+
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", steps=6, lr=3e-3, quantize_base="nf4")
+    result = train(config)
+    assert all(np.isfinite(losses(result)))
+    assert learned(result.adapter).abs().max() > 1e-4
+
+    nf4 = load_base(tiny_base, quantize="nf4", dtype=torch.bfloat16)
+    nf4.unet.to("cuda")
+    assert "Linear4bit" in {type(m).__name__ for m in nf4.unet.modules()}
+    add_adapters(config, nf4.unet, {})
+    _randomise(nf4.unet, seed=3)
+    with torch.autocast("cuda", torch.bfloat16):
+        trained = unet_output(nf4.unet).float()
+        nf4.unet.disable_adapters()
+        effect_nf4 = (trained - unet_output(nf4.unet).float()).cpu()
+    facts = AdapterFacts(name="nf4", base_model=tiny_base, family="sd1", rank=4, alpha=4.0, targets="all")
+    modules = {f"unet.{k}": m for k, m in modules_from_peft_model(nf4.unet).items()}
+    path = write_lora(LoraFile(modules, facts.to_metadata()), tmp_path / "nf4.safetensors", "kohya")
+    assert all(m.delta().dtype == torch.float32 for m in read_lora(path).modules.values())
+
+    generator = Generator(tiny_base, device="cpu")
+    generator.activate({generator.load_adapter(path): 1.0})
+    effect_full = unet_output(generator.pipe.unet) - unet_output(load(tiny_base).unet)
+    assert (effect_full - effect_nf4).abs().max() < 0.25 * effect_full.abs().max()
+
+
 def test_an_oversized_batch_runs_out_of_memory_with_advice(tiny_base, blob_folder, tmp_path):
     """A batch no GPU holds (16384 images at 256 px, 128x128 latents on the tiny base: one activation of
     its first block alone is 34 GB) stops with what to change, not a bare CUDA error. Last in this file:

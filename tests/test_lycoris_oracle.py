@@ -9,6 +9,7 @@ text-encoder outputs, within 1e-4 of the adapter's effect.
 from __future__ import annotations
 
 import logging
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,45 @@ def test_sdxl_lycoris_file_with_both_text_encoders(preset, tmp_path):
     generator = Generator(tiny_sdxl_pipeline())
     generator.activate({generator.load_adapter(path): 1.0})
     assert_matches(outputs(generator.pipe, sdxl=True), reference, base)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(network="locon"), dict(network="loha"), dict(network="lokr"), dict(network="locon", dora=True)],
+    ids=["locon", "loha", "lokr", "locon-dora"],
+)
+def test_the_files_sdlora_trains_load_in_lycoris_as_in_sdlora(options, tmp_path):
+    """The other way round: LoCon, LoHa, LoKr and DoRA layers as sdlora trains them (resnet and resampling
+    convolutions included, with their own rank), written by sdlora, read by LyCORIS's own loader
+    (`create_network_from_weights`), move the demo model as sdlora's Generator does."""
+    from sdlora.adapters import AdapterFacts, LoraFile, write_lora
+    from sdlora.adapters.from_peft import modules_from_peft_model
+    from sdlora.config import TrainConfig
+    from sdlora.train.networks import add_adapters
+    from tests.test_networks import _randomise
+
+    config = TrainConfig(data_dir=str(tmp_path), rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, **options)
+    network = config.network
+    trained = load_base(None)
+    add_adapters(config, trained.unet, {})
+    _randomise(trained.unet, seed=5)
+    modules = {f"unet.{k}": m for k, m in modules_from_peft_model(trained.unet).items()}
+    facts = AdapterFacts(name=network, base_model="demo", family="sd1", rank=4, alpha=2.0, targets="all")
+    path = write_lora(LoraFile(modules, facts.to_metadata()), tmp_path / f"{network}.safetensors", "kohya")
+
+    base = outputs(load_base(None))
+    pipe = load_base(None)
+    kohya.LycorisNetworkKohya.apply_preset(tomllib.loads(PRESET))
+    lycoris, weights = kohya.create_network_from_weights(
+        1.0, str(path), pipe.vae, pipe.text_encoder, pipe.unet
+    )
+    lycoris.apply_to(pipe.text_encoder, pipe.unet, apply_text_encoder=True, apply_unet=True)
+    loaded = lycoris.load_state_dict(weights, strict=False)
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    assert any("_resnets_" in lora.lora_name for lora in lycoris.unet_loras)
+    reference = outputs(pipe)
+
+    generator = Generator(load_base(None))
+    generator.activate({generator.load_adapter(path): 1.0})
+    ours = outputs(generator.pipe)
+    assert_matches({"unet": ours["unet"]}, {"unet": reference["unet"]}, base)

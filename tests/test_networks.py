@@ -22,8 +22,8 @@ from tests.tiny_models import load, unet_output
 NETWORKS = {
     "lora": dict(network="lora"),
     "locon": dict(network="locon", conv_rank=2, conv_alpha=3.0),
-    "loha": dict(network="loha"),
-    "lokr": dict(network="lokr"),
+    "loha": dict(network="loha", conv_rank=2, conv_alpha=3.0),
+    "lokr": dict(network="lokr", conv_rank=2, conv_alpha=3.0),
     "dora": dict(network="lora", dora=True),
     "locon-dora": dict(network="locon", dora=True),
     "rslora": dict(network="lora", rslora=True, alpha=8.0),
@@ -49,6 +49,11 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(p + noise if "magnitude" in name else noise)
 
 
+def _keys(path) -> list[str]:
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())
+
+
 @pytest.mark.parametrize("kind", NETWORKS)
 def test_each_network_type_reloads_with_the_output_it_had_in_memory(kind, tiny_base, tmp_path):
     options = {"rank": 4, "alpha": 2.0, **NETWORKS[kind]}
@@ -65,6 +70,8 @@ def test_each_network_type_reloads_with_the_output_it_had_in_memory(kind, tiny_b
     modules = {f"unet.{k}": m for k, m in modules_from_peft_model(trained.unet).items()}
     path = write_lora(LoraFile(modules, facts.to_metadata()), tmp_path / f"{kind}.safetensors", "kohya")
     assert set(read_lora(path).kinds) == KINDS[kind]
+    conv_keys = [key for key in _keys(path) if "_resnets_" in key]
+    assert bool(conv_keys) == (kind not in ("lora", "dora", "rslora")), "LoCon, LoHa, LoKr adapt the resnets"
 
     generator = Generator(tiny_base, device="cpu")
     generator.activate({generator.load_adapter(path): 1.0})

@@ -6,12 +6,15 @@ import json
 import time
 
 import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from sdlora.adapters import read_lora
 from sdlora.config import ConfigError
-from sdlora.jobs import JobQueue, JobStatus
+from sdlora.jobs import JobQueue, JobStatus, loss_curves
 from sdlora.outputs import Outputs
-from sdlora.train import train
+from sdlora.train import read_events, train
 from sdlora.train.runs import (
     RunFolder,
     RunState,
@@ -19,6 +22,7 @@ from sdlora.train.runs import (
     list_runs,
     run_info,
     run_row,
+    run_summary,
     sample_grid,
 )
 from tests.conftest import train_config
@@ -42,7 +46,7 @@ def test_a_finished_run_is_done_with_its_losses_samples_checkpoints_and_adapter(
         "step 2 · b",
         "step 4 · b",
     ]
-    assert run_row(info)[1:] == ["done", "4/4", "2", result.adapter.name]
+    assert run_row(info)[1:] == ["done", "4/4", "2", "", result.adapter.name]  # no validation: no best
     assert not info.folder.owner_file.exists()  # the process is done with it
 
 
@@ -101,6 +105,52 @@ def test_any_checkpoint_becomes_a_kohya_adapter(tiny_base, blob_folder, tmp_path
         assert adapter.metadata()["ss_steps"] == "2"
     with pytest.raises(ConfigError, match="not a checkpoint"):
         checkpoint_adapter(info.folder, tmp_path, Outputs(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(network="locon", conv_rank=2),
+        dict(network="loha"),
+        dict(network="lokr"),
+        dict(dora=True),
+        dict(rslora=True, alpha=8.0),
+        dict(ema=True, ema_decay=0.5),
+    ],
+    ids=["locon", "loha", "lokr", "dora", "rslora", "ema"],
+)
+def test_the_last_checkpoint_becomes_the_adapter_the_run_wrote(options, tiny_base, blob_folder, tmp_path):
+    """Every network type (and the EMA's average) comes out of a checkpoint as the trainer writes it."""
+    config = train_config(blob_folder, tiny_base, tmp_path, steps=3, save_every=3, lr=3e-3, **options)
+    result = train(config)
+    info = run_info(result.run)
+    made = checkpoint_adapter(info.folder, info.checkpoints[-1], Outputs(tmp_path))
+    final, rebuilt = load_file(result.adapter), load_file(made)
+    assert set(rebuilt) == set(final)
+    for key, tensor in final.items():
+        torch.testing.assert_close(rebuilt[key], tensor, rtol=1e-5, atol=1e-7, msg=key)
+    assert read_lora(made).facts.network == config.network
+
+
+def test_the_best_checkpoint_is_named_and_its_losses_are_charted(tiny_base, blob_folder, tmp_path):
+    config = train_config(
+        blob_folder, tiny_base, tmp_path, steps=6, save_every=2, lr=3e-3, validation_split=0.25, name="v"
+    )
+    result = train(config)
+    info = run_info(result.run)
+    validation = {e["step"]: e["loss"] for e in read_events(info.folder.events) if e["event"] == "validation"}
+    assert info.validation_losses == sorted(validation.items()) and [*validation] == [2, 4, 6]
+    best_step = min(validation, key=lambda step: (validation[step], step))
+    assert info.best_checkpoint == info.folder.checkpoints / f"step-{best_step:06d}"
+    assert info.best_checkpoint == result.best_checkpoint  # what the trainer said at the end
+    assert run_row(info)[4] == info.best_checkpoint.name
+    assert f"best: {info.best_checkpoint.name} (validation loss {validation[best_step]:.4f})" in run_summary(
+        info
+    )
+    curves = loss_curves(info.losses, info.validation_losses)
+    assert [(step, loss) for step, loss, curve in curves if curve == "validation"] == sorted(
+        validation.items()
+    )
 
 
 def test_runs_are_listed_newest_first_whatever_their_names(tmp_path):

@@ -75,6 +75,8 @@ def test_every_cli_option_but_the_app_managed_ones_is_a_form_field_with_its_help
     )
     assert (OPTIONS["alpha"].kind, OPTIONS["alpha"].optional) == ("float", True)
     assert OPTIONS["sample_prompt"].kind == "lines"
+    assert OPTIONS["quantize_base"].choices == ("none", "nf4", "int8")
+    assert OPTIONS["log_with"].choices == ("none", "tensorboard")
 
 
 def test_a_new_option_appears_by_itself():

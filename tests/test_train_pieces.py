@@ -144,6 +144,7 @@ def test_events_keep_their_json_form_and_read_back_typed(tmp_path):
         "elapsed_s",
         "eta_s",
         "images_per_s",
+        "grad_norm",
     ]
     assert read_events(tmp_path / "events.jsonl") == [step] == seen
     assert step["event"] == "step" and step["loss"] == 0.5 and dict(step) == record  # reads like the JSON

@@ -31,6 +31,16 @@ def test_the_progress_bar_and_loss_curve_come_from_the_job_view():
     assert len(frame[frame.curve == "smoothed"]) == 2
 
 
+def test_the_loss_curve_shows_the_validation_loss_once_the_run_measures_it():
+    view = JobView(
+        "running", 4, 4, [(1, 1.0), (2, 0.5), (3, 0.6), (4, 0.4)], [], True, "", [(2, 0.7), (4, 0.65)]
+    )
+    frame = loss_frame(view)
+    validation = frame[frame.curve == "validation"]
+    assert list(zip(validation.step, validation.loss, strict=True)) == [(2, 0.7), (4, 0.65)]
+    assert "validation" not in set(loss_frame(JobView("running", 1, 4, [(1, 1.0)], [], True)).curve)
+
+
 def test_no_job_has_no_progress_bar_and_an_empty_loss_curve():
     view = JobView("No training job yet.", 0, 0, [], [], False)
     assert progress_bar(view) == "" and loss_frame(view).empty
@@ -57,3 +67,21 @@ def test_settings_sent_to_generate_keep_library_adapters_and_name_the_others():
     assert values[7].value == "kept" and values[8] is True and values[9] == 0.5
     assert values[10].value is None and values[11] is False
     assert "left out: gone" in values[-1]
+
+
+def test_the_advanced_section_offers_the_quantized_base_and_tensorboard(tmp_path):
+    from ui.app import build_app
+
+    app = build_app(tmp_path)
+    by_id = {block.elem_id: block for block in app.blocks.values() if getattr(block, "elem_id", None)}
+    for elem_id, choices in [
+        ("quantize-base", ["none", "nf4", "int8"]),
+        ("log-with", ["none", "tensorboard"]),
+    ]:
+        control = by_id[elem_id]
+        assert [value for _, value in control.choices] == choices
+        assert "pip install" in control.info
+        parent = control.parent
+        while parent is not None and parent.elem_id != "advanced":
+            parent = parent.parent
+        assert parent is not None, f"{elem_id} is not in the Advanced section"

@@ -174,8 +174,9 @@ def unet_output(unet, seed: int = 0) -> torch.Tensor:
     size = unet.config.sample_size
     latents = torch.randn(2, 4, size, size, generator=g)
     text = torch.randn(2, 16, unet.config.cross_attention_dim, generator=g)
+    latents, text, device = latents.to(unet.device), text.to(unet.device), unet.device
     with torch.no_grad():
-        return unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample
+        return unet(latents, torch.tensor([10, 500], device=device), encoder_hidden_states=text).sample
 
 
 def text_output(pipe) -> torch.Tensor:

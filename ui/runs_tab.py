@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from sdlora.jobs import smooth
+from sdlora.jobs import loss_curves
 from sdlora.train.runs import (
     RUN_COLUMNS,
     RunState,
@@ -81,15 +81,17 @@ def build_runs_tab(ctx: AppContext, tab: gr.Tab) -> None:
             return "No run selected.", gr.Dropdown(choices=[], value=None), None, [], gr.skip(), ""
         info = run_info(Path(path))
         cells, columns = sample_grid(info)
-        names = [(c.name, str(c)) for c in info.checkpoints]
-        raw = [(step, value, "raw") for step, value in info.losses]
-        smoothed = zip([s for s, _ in info.losses], smooth([v for _, v in info.losses]), strict=True)
+        best = info.best_checkpoint
+        names = [
+            (f"{c.name} (best validation loss)" if c == best else c.name, str(c)) for c in info.checkpoints
+        ]
         frame = pd.DataFrame(
-            raw + [(step, value, "smoothed") for step, value in smoothed], columns=["step", "loss", "curve"]
+            loss_curves(info.losses, info.validation_losses), columns=["step", "loss", "curve"]
         )
+        chosen = best or (info.checkpoints[-1] if info.checkpoints else None)
         return (
             run_summary(info),
-            gr.Dropdown(choices=names, value=names[-1][1] if names else None),
+            gr.Dropdown(choices=names, value=str(chosen) if chosen else None),
             frame,
             [(str(p), caption) for p, caption in cells],
             gr.Gallery(columns=columns),

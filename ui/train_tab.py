@@ -295,7 +295,5 @@ def progress_bar(view: JobView) -> str:
 
 
 def loss_frame(view: JobView) -> pd.DataFrame:
-    """The raw per-step losses and their smoothed curve, told apart by the `curve` column."""
-    raw = [(step, loss, "raw") for step, loss in view.losses]
-    smoothed = [(step, loss, "smoothed") for step, loss in view.smoothed_losses]
-    return pd.DataFrame(raw + smoothed, columns=["step", "loss", "curve"])
+    """The loss chart's curves (raw, smoothed, validation), told apart by the `curve` column."""
+    return pd.DataFrame(view.curves, columns=["step", "loss", "curve"])

@@ -88,8 +88,9 @@ def _lokr(layer: LoKrLayer, adapter: str) -> LokrModule:
     low_rank = parts.get("w1b", parts.get("w2b"))
     if low_rank is None:
         parts["w1"] = parts["w1"] * scaling
-        return LokrModule(None, **parts)
-    weight = layer.get_base_layer().weight
-    if "w2b" in parts and weight.dim() == 4:  # peft flattens a conv w2b; the file keeps the kernel axes
-        parts["w2b"] = parts["w2b"].reshape(low_rank.shape[0], -1, *weight.shape[2:])
+        # Every loader takes scale 1 for whole factors whatever the alpha, but LyCORIS's own loader needs
+        # the key: it is written as LyCORIS writes it, alpha = rank.
+        return LokrModule(float(layer.r[adapter]), **parts)
+    # A convolution's w2b stays flat, (rank, in * kh * kw), as peft holds it and LyCORIS writes it: the
+    # layout AUTOMATIC1111's and ComfyUI's `w2a @ w2b` expects.
     return LokrModule(scaling * low_rank.shape[0], **parts)

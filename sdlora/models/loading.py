@@ -12,6 +12,7 @@ from diffusers import DiffusionPipeline
 from sdlora.demo import DEMO_MODEL_DIR
 from sdlora.errors import SdloraError
 from sdlora.models.families import UnknownFamilyError, family_of
+from sdlora.models.quantization import QUANTIZED_COMPONENTS, pipeline_quantization
 from sdlora.models.single_file import SingleFileError, load_single_file
 
 log = logging.getLogger(__name__)
@@ -37,22 +38,40 @@ def resolve_base(spec: str | None) -> str:
 
 
 def load_base(
-    spec: str | None = None, *, dtype: torch.dtype = torch.float32, prediction_type: str | None = None
+    spec: str | None = None,
+    *,
+    dtype: torch.dtype | dict[str, torch.dtype] = torch.float32,
+    prediction_type: str | None = None,
+    quantize: str = "none",
 ) -> DiffusionPipeline:
     """Load a Stable Diffusion pipeline from a hub id, a local diffusers folder or a single .safetensors file.
 
     Only safetensors weights are read from local files; pickled checkpoints are refused. Single files
     load without a network; `prediction_type` ("epsilon" or "v_prediction") overrides what such a file
-    says it predicts (an SD 2.x file that says nothing is taken to be 768-v).
+    says it predicts (an SD 2.x file that says nothing is taken to be 768-v). `dtype` may be diffusers'
+    per-component dict ({"vae": ..., "default": ...}). `quantize` ('nf4', 'int8') loads the U-Net and text
+    encoders quantized, computing in their dtype (see `sdlora.models.quantization`).
     """
     spec = resolve_base(spec)
     path = Path(spec).expanduser()
     common = {"dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+    components = QUANTIZED_COMPONENTS  # a hub pipeline's are known once loaded; absent ones are skipped
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise BaseModelError(f"{path} is a folder but not a diffusers pipeline (no model_index.json).")
-        if "safety_checker" not in json.loads((path / "model_index.json").read_text()):
+        index = json.loads((path / "model_index.json").read_text())
+        components = tuple(index)
+        if "safety_checker" not in index:
             common = {"dtype": dtype}  # SDXL and others have no safety checker to switch off
+    if quantize != "none":
+        if path.suffix.lower() == ".safetensors":
+            raise BaseModelError(
+                f"--quantize-base loads a diffusers folder or hub id, not a single file ({path.name}): "
+                "save it as a diffusers folder first, or train without --quantize-base."
+            )
+        compute_dtype = dtype.get("default", torch.float32) if isinstance(dtype, dict) else dtype
+        common["quantization_config"] = pipeline_quantization(quantize, compute_dtype, components)
+    if path.is_dir():
         try:
             pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, **common)
         except (OSError, ValueError) as error:

@@ -91,6 +91,7 @@ class StepEvent(Event):
     elapsed_s: float
     eta_s: float
     images_per_s: float
+    grad_norm: float | None = None  # before clipping; measured when clipping or logging
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,23 +32,41 @@ def lora_config(config: TrainConfig, targets: list[str], conv: list[str]) -> Lor
         lora_dropout=config.dropout,
         init_lora_weights="gaussian",
         target_modules=targets + conv,
-        rank_pattern={name: config.conv_lora_rank for name in conv},
-        alpha_pattern={name: config.conv_lora_alpha for name in conv},
+        **_conv_patterns(config, conv),
         use_dora=config.dora,
         use_rslora=config.rslora,
     )
 
 
 def loha_config(config: TrainConfig, targets: list[str], conv: list[str]) -> LoHaConfig:
+    """LoHa, on the convolutions too as LyCORIS does (plain 2-D factors, not Tucker, so the file is the
+    layout every loader reads)."""
     return LoHaConfig(
-        r=config.rank, alpha=config.lora_alpha, module_dropout=config.dropout, target_modules=targets
+        r=config.rank,
+        alpha=config.lora_alpha,
+        module_dropout=config.dropout,
+        target_modules=targets + conv,
+        **_conv_patterns(config, conv),
     )
 
 
 def lokr_config(config: TrainConfig, targets: list[str], conv: list[str]) -> LoKrConfig:
+    """LoKr, on the convolutions too as LyCORIS does."""
     return LoKrConfig(
-        r=config.rank, alpha=config.lora_alpha, module_dropout=config.dropout, target_modules=targets
+        r=config.rank,
+        alpha=config.lora_alpha,
+        module_dropout=config.dropout,
+        target_modules=targets + conv,
+        **_conv_patterns(config, conv),
     )
+
+
+def _conv_patterns(config: TrainConfig, conv: list[str]) -> dict[str, dict[str, float]]:
+    """The convolutions' own rank and alpha (--conv-rank, --conv-alpha), as peft's per-module patterns."""
+    return {
+        "rank_pattern": {name: config.conv_lora_rank for name in conv},
+        "alpha_pattern": {name: config.conv_lora_alpha for name in conv},
+    }
 
 
 NETWORKS: dict[str, NetworkConfig] = {
@@ -57,8 +75,9 @@ NETWORKS: dict[str, NetworkConfig] = {
     "loha": loha_config,
     "lokr": lokr_config,
 }
-# Network types that also adapt the U-Net's convolutions.
-CONV_NETWORKS = frozenset({"locon"})
+# Network types that also adapt the U-Net's convolutions (LyCORIS does for LoHa and LoKr; plain LoRA
+# stays on attention, as kohya's "LoRA" does).
+CONV_NETWORKS = frozenset({"locon", "loha", "lokr"})
 
 
 def unet_conv_modules(unet: torch.nn.Module) -> list[str]:
@@ -89,7 +108,8 @@ def add_adapters(
     unet: torch.nn.Module,
     text_encoders: dict[str, torch.nn.Module],
 ) -> dict[str, torch.nn.Module]:
-    """Adapter layers of the `--network` type on the U-Net's attention (and convolutions for LoCon), and
+    """Adapter layers of the `--network` type on the U-Net's attention (and convolutions for LoCon, LoHa
+    and LoKr), and
     on the text encoders' when they train.
 
     Returns the parts being trained by component name ('unet', 'text_encoder', ...).
@@ -118,8 +138,24 @@ def restore_adapter_state(
     accelerator: Accelerator, parts: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]
 ) -> None:
     """Load what `adapter_state` saved into the same parts; a mismatch (another rank or targets) fails."""
+    load_adapter_state({prefix: accelerator.unwrap_model(model) for prefix, model in parts.items()}, state)
+
+
+def load_adapter_state(parts: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
     for prefix, model in parts.items():
         part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        result = set_peft_model_state_dict(accelerator.unwrap_model(model), part)
+        result = set_peft_model_state_dict(model, part)
         if getattr(result, "unexpected_keys", None):
             raise TrainingError(f"Checkpoint does not match the {prefix} LoRA: {result.unexpected_keys[:3]}")
+
+
+def checkpoint_parts(config: TrainConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """The run's base (unquantized) with its adapter layers holding a checkpoint's weights, by part:
+    a checkpoint becomes an adapter through the same layers, and so the same writer, as a finished run."""
+    from sdlora.models import load_base
+    from sdlora.train.conditioning import TextConditioner
+
+    pipe = load_base(config.base)
+    parts = add_adapters(config, pipe.unet, TextConditioner(pipe).encoders)
+    load_adapter_state(parts, state)
+    return parts

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from sdlora.train.events import (
     SampleEvent,
     StartEvent,
     StepEvent,
+    ValidationEvent,
     read_events,
 )
 
@@ -109,10 +110,25 @@ class RunInfo:
     checkpoints: list[Path]
     adapter: Path | None
     error: str | None
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def resumable(self) -> bool:
         return self.state in RESUMABLE and bool(self.checkpoints)
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        """Of the checkpoints on disk, the one whose step had the lowest validation loss (the earliest of
+        equals, as the trainer picks it); None without validation."""
+        validation = dict(self.validation_losses)
+        measured = [
+            (validation[step], step, path) for path in self.checkpoints if (step := _step(path)) in validation
+        ]
+        return min(measured)[2] if measured else None
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("step-"))
 
 
 # Runs this process stopped whose marker it could not remove (a read-only disk): its pid lives on in the
@@ -174,6 +190,7 @@ def run_info(folder: Path) -> RunInfo:
         state = RunState.RUNNING
     steps = [e for e in events if isinstance(e, StepEvent)]
     losses = {e.step: e.loss for e in steps}  # a resumed run redoes steps after its checkpoint: keep the last
+    validation = {e.step: e.loss for e in events if isinstance(e, ValidationEvent)}
     samples: dict[int, list[Path]] = {}
     for event in events:
         if isinstance(event, SampleEvent):
@@ -191,6 +208,7 @@ def run_info(folder: Path) -> RunInfo:
         checkpoints=list_checkpoints(run.checkpoints),
         adapter=Path(done.adapter) if done and state is RunState.DONE else None,
         error=error,
+        validation_losses=sorted(validation.items()),
     )
 
 
@@ -217,40 +235,56 @@ def run_config(run: RunFolder) -> TrainConfig:
 
 def checkpoint_adapter(run: RunFolder, checkpoint: Path, outputs: Outputs, name: str | None = None) -> Path:
     """Write a checkpoint's adapter weights as a kohya adapter under outputs/adapters, named after the run
-    and step unless `name` is given (made unique); an earlier checkpoint may be the better adapter."""
-    from safetensors.torch import load_file  # here: listing runs needs no torch
+    and step unless `name` is given (made unique); an earlier checkpoint (the best validation loss's) may
+    be the better adapter.
 
-    from sdlora.adapters import AdapterFacts, lora_from_peft, write_lora
+    The weights go back into the layers the run trained (its base, network type and options) and are
+    written from there as a finished run's are, so LoCon's, LoHa's, LoKr's, DoRA's and rsLoRA's files
+    (and the EMA's average) come out as the trainer writes them."""
+    # imported here: listing runs needs no torch
+    from sdlora.adapters import AdapterFacts, LoraFile, trigger_words, write_lora
+    from sdlora.adapters.from_peft import modules_from_peft_model
     from sdlora.adapters.library import unique_name
+    from sdlora.train.checkpoint import load_checkpoint
+    from sdlora.train.networks import checkpoint_parts
+    from sdlora.train.optimizers import param_groups
 
     info = run_info(run.path)
     if Path(checkpoint) not in info.checkpoints:
         raise ConfigError(f"{Path(checkpoint).name} is not a checkpoint of {run.path.name}.")
+    config = run_config(run)
+    state = load_checkpoint(Path(checkpoint))
+    parts = checkpoint_parts(config, state.lora)
+    if state.ema is not None:  # the run sampled, validated and saved with the average: so does this adapter
+        params = [p for group in param_groups(config, parts) for p in group["params"]]
+        for param, average in zip(params, state.ema["shadow_params"], strict=True):
+            param.data.copy_(average)
+    modules = {
+        f"{part}.{module_name}": module
+        for part, model in parts.items()
+        for module_name, module in modules_from_peft_model(model).items()
+    }
     settings = info.settings
-    step = int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
-    rank = int(settings.get("rank") or 0)
-    alpha = float(settings.get("alpha") or rank)
-    parts: dict[str, dict[str, Any]] = {}
-    for key, tensor in load_file(Path(checkpoint) / "lora.safetensors").items():
-        part, peft_key = key.split(".", 1)
-        parts.setdefault(part, {})[peft_key] = tensor
     facts = AdapterFacts(
-        name=unique_name(outputs, name or f"{info.name}_step{step}"),
-        base_model=str(settings.get("base") or ""),
+        name=unique_name(outputs, name or f"{info.name}_step{state.step}"),
+        base_model=str(config.base or ""),
         family=str(settings.get("family") or ""),
-        rank=rank,
-        alpha=alpha,
-        targets=str(settings.get("targets") or "all"),
-        instance_prompt=settings.get("prompt") or "",
-        class_prompt=settings.get("class_prompt") or "",
-        steps=step,
+        rank=config.rank,
+        alpha=config.lora_alpha,
+        targets=config.targets,
+        instance_prompt=config.prompt or "",
+        class_prompt=config.class_prompt or "",
+        trigger_words=trigger_words(config.prompt or "", config.class_prompt),
+        steps=state.step,
         resolution=int(settings.get("resolution") or 0),
-        learning_rate=float(settings.get("lr") or 0.0),
-        text_encoder=bool(settings.get("text_encoder")),
-        seed=int(settings.get("seed") or 0),
+        learning_rate=config.lr,
+        text_encoder=config.text_encoder,
+        seed=config.seed,
+        network=config.network,
+        dora=config.dora,
+        rslora=config.rslora,
     )
-    lora = lora_from_peft({part: (state, alpha) for part, state in parts.items()}, facts.to_metadata())
-    return write_lora(lora, outputs.adapter_file(facts.name), "kohya")
+    return write_lora(LoraFile(modules, facts.to_metadata()), outputs.adapter_file(facts.name), "kohya")
 
 
 def sample_grid(info: RunInfo) -> tuple[list[tuple[Path, str]], int]:
@@ -277,6 +311,10 @@ def run_summary(info: RunInfo) -> str:
     parts = [f"{info.name}: {info.state}", f"step {info.step}/{info.total}"]
     if info.checkpoints:
         parts.append(f"{len(info.checkpoints)} checkpoint(s)")
+    best = info.best_checkpoint
+    if best is not None:
+        loss = dict(info.validation_losses)[_step(best)]
+        parts.append(f"best: {best.name} (validation loss {loss:.4f})")
     if info.adapter:
         parts.append(f"adapter {info.adapter.name}")
     if info.error:
@@ -284,7 +322,7 @@ def run_summary(info: RunInfo) -> str:
     return " · ".join(parts)
 
 
-RUN_COLUMNS = ["run", "state", "step", "checkpoints", "adapter"]
+RUN_COLUMNS = ["run", "state", "step", "checkpoints", "best checkpoint", "adapter"]
 
 
 def run_row(info: RunInfo) -> list[str]:
@@ -295,6 +333,7 @@ def run_row(info: RunInfo) -> list[str]:
         str(info.state),
         f"{info.step}/{info.total}",
         str(len(info.checkpoints)),
+        info.best_checkpoint.name if info.best_checkpoint else "",
         adapter,
     ]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import threading
 import time
@@ -37,6 +38,7 @@ from sdlora.errors import describe
 from sdlora.files import DiskError, retry_until_written
 from sdlora.generate import Generator
 from sdlora.models import bucket_step, family_of, load_base, native_resolution, resolve_base
+from sdlora.models.quantization import check_backend, is_quantized
 from sdlora.outputs import Outputs
 from sdlora.train.cache import Batch, Example, encode_captions, encode_images, training_batches
 from sdlora.train.captions import varies_captions
@@ -67,6 +69,7 @@ from sdlora.train.result import CancelledBeforeTraining, TrainingError, TrainRes
 from sdlora.train.runs import RunFolder, find_run_to_resume, mark_running, mark_stopped, new_run
 from sdlora.train.samples import make_samples
 from sdlora.train.speed import COMPILE_TOLERANCE, Speed, compile_unet, tune_for_speed
+from sdlora.train.tracking import Tracking, check_tracker, tracker_options, with_tracking
 from sdlora.train.validation import Validation, needs_validation, split_validation, validation_loss
 
 # A full or read-only disk at the final save: the trained weights wait in memory while the user frees space.
@@ -98,6 +101,7 @@ class Session:
     start_step: int
     validation: Validation | None = None
     ema: EMAModel | None = None
+    grad_norm: float | None = None  # of the last optimizer step, when clipping or logging measures it
 
 
 def train(
@@ -112,11 +116,14 @@ def train(
     outputs, name = Outputs(config.outputs), adapter_name(config)
     run = find_run_to_resume(outputs, name, config.resume) if config.resume else None
 
-    accelerator = _accelerator(config)
+    check_tracker(config.log_with)
+    check_backend(config.quantize_base)
+    accelerator = _accelerator(config, run.path.parent if run else outputs.runs)
     if run is None:  # one run folder for all processes: the main one makes it and tells the others
         made = [str(new_run(outputs, name).path) if accelerator.is_main_process else None]
         run = RunFolder(Path(broadcast_object_list(made)[0]))
-    events = EventLog(run.events, on_event, enabled=accelerator.is_main_process)
+    tracking = Tracking(accelerator, run.path, config) if config.log_with != "none" else None
+    events = EventLog(run.events, with_tracking(on_event, tracking), enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         run.cancel_file.unlink(missing_ok=True)  # a request that stopped the run before is done with
         mark_running(run)
@@ -133,6 +140,8 @@ def train(
         events.emit(ErrorEvent(message=describe(error)))
         raise
     finally:
+        if tracking is not None:
+            tracking.finish()
         if accelerator.is_main_process:
             mark_stopped(run)
         if accelerator.num_processes > 1:
@@ -224,8 +233,10 @@ def train_step(s: Session, step: int) -> float:
         instance, prior = next(s.batches)
         with accelerator.accumulate(*s.parts.values()):
             loss = _backward(s, step, instance, prior)
-            if accelerator.sync_gradients and config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(s.params, config.max_grad_norm)
+            if accelerator.sync_gradients and (config.max_grad_norm > 0 or config.log_with != "none"):
+                # with no clipping asked, an infinite bound only measures the norm for the log
+                norm = accelerator.clip_grad_norm_(s.params, config.max_grad_norm or math.inf)
+                s.grad_norm = None if norm is None else float(norm)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
         loss_value += accelerator.reduce(loss.detach(), "mean").item() / config.grad_accum
@@ -269,6 +280,7 @@ def step_event(s: Session, step: int, loss: float, elapsed: float) -> StepEvent:
         elapsed_s=round(elapsed, 4),
         eta_s=round(per_step * (s.config.steps - step), 1),
         images_per_s=round(s.config.batch_size * s.config.grad_accum / per_step, 3),
+        grad_norm=s.grad_norm,
     )
 
 
@@ -472,8 +484,8 @@ def setup(
         accelerator.mixed_precision, torch.float32
     )
 
-    # The base model, frozen.
-    pipe = load_base(base)
+    # The base model, frozen (quantized as it loads with --quantize-base, computing in weight_dtype).
+    pipe = load_base(base, **_quantized(config, weight_dtype))
     conditioner = TextConditioner(pipe)
     _freeze(pipe, conditioner, weight_dtype, device)
     resolution = config.resolution or native_resolution(pipe)
@@ -562,7 +574,7 @@ def setup(
     return s
 
 
-def _accelerator(config: TrainConfig) -> Accelerator:
+def _accelerator(config: TrainConfig, runs: Path) -> Accelerator:
     # accelerate keeps one precision per process, but one process may run several jobs (the app's
     # queue runs them one at a time): each job starts that state afresh. The process group stays.
     AcceleratorState._reset_state()
@@ -571,6 +583,7 @@ def _accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision=_precision(config.mixed_precision),
         gradient_accumulation_steps=config.grad_accum,
         cpu=not torch.cuda.is_available(),
+        **tracker_options(config, runs),
     )
 
 
@@ -586,6 +599,14 @@ def _precision(requested: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _quantized(config: TrainConfig, weight_dtype: torch.dtype) -> dict:
+    """load_base's options for --quantize-base: the quantized parts load straight into the training
+    precision (a quantized model can't be cast afterwards), the VAE in fp32 as `_freeze` keeps it."""
+    if config.quantize_base == "none":
+        return {}
+    return {"quantize": config.quantize_base, "dtype": {"vae": torch.float32, "default": weight_dtype}}
+
+
 def _freeze(
     pipe: DiffusionPipeline, conditioner: TextConditioner, weight_dtype: torch.dtype, device: torch.device
 ) -> None:
@@ -598,7 +619,7 @@ def _freeze(
     for model, dtype in models:
         model.requires_grad_(False)
         model.to(device)
-        if model.dtype != dtype:
+        if model.dtype != dtype and not is_quantized(model):
             model.to(dtype=dtype)
 
 
