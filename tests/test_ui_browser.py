@@ -303,6 +303,7 @@ def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(bro
         (run,) = (server.outputs / "runs").glob("first_job-*")
         pick(page, "run-pick", f"{run.name} · cancelled")
         expect(page.locator("#run-summary")).to_contain_text("first_job: cancelled")
+        expect(page.locator("#run-cancel")).to_be_hidden()  # only a running or queued run offers Cancel
         page.locator("#run-resume").click()
         expect(page.locator("#run-message")).to_contain_text("resuming first_job")
         (job,) = queue.jobs()
@@ -323,6 +324,8 @@ def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(bro
         )
         (sks,) = (server.outputs / "runs").glob("sks_star-*")
         pick(page, "run-pick", f"{sks.name} · done")
+        expect(page.locator("#run-message")).not_to_contain_text("Saved")  # that was about the other run
+        expect(page.locator("#run-cancel")).to_be_hidden()
         expect(page.locator("#run-samples img")).to_have_count(2)  # steps 20 and 40 of one sample prompt
         shot(page, "runs")
     finally:
