@@ -343,6 +343,22 @@ class TrainConfig:
         _check(self.class_dir is None or self.class_prompt is not None, "--class-dir needs --class-prompt.")
         _check(self.out is None or self.out.endswith(".safetensors"), "--out must end in .safetensors.")
 
+    def check_rank_fits(
+        self, narrowest: tuple[str, int], narrowest_conv: tuple[str, int] | None = None
+    ) -> None:
+        """Ranks at most the width of the narrowest adapted layer, given as (name, width) from the loaded
+        base: an update of a layer w wide has rank at most w, so a higher rank only adds size (rank
+        10000 on the 10 MB demo model wrote a 430 MB adapter)."""
+        for flag, rank, (layer, width) in (
+            ("--rank", self.rank, narrowest),
+            *([("--conv-rank", self.conv_lora_rank, narrowest_conv)] if narrowest_conv else []),
+        ):
+            _check(
+                rank <= width,
+                f"{flag} {rank} is more than this base's narrowest adapted layer is wide "
+                f"({width}, {layer}): use {flag} {width} or less.",
+            )
+
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else float(self.rank)

@@ -4,12 +4,13 @@ Every adapter here is trained with the values `sdlora.presets` gives the app's a
 menus for the demo model, so what passes here is what a user gets by pressing Start:
 
 - the Subject preset on `training_data/sks_star` makes "a purple sks shape" draw the star, where the base
-  does not; with prior preservation the class prompt alone drifts less toward the star, and the
-  subject is still learned;
-- the Style preset on `style_outlined` makes shapes hollow, on `style_dark` puts them on a dark
-  background, and the two stacked at (1 - t, t) slide from one to the other.
+  does not, with prior preservation as well as without; with it, the class prompt alone drifts less
+  toward the star;
+- the Style preset on `style_outlined` makes every shape hollow, on `style_dark` puts them on a dark
+  background (not yet keeping their form: an expected failure, with its figures), and the two stacked
+  at (1 - t, t) slide from one to the other.
 
-`python -m tests.test_learning` prints the figures and writes the grid in docs/ that the README shows.
+`python -m tests.test_learning` prints the figures and writes the grids in docs/ that the README shows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 
 from sdlora.config import TrainConfig
 from sdlora.demo import demo_model_available
-from sdlora.demo.metrics import background_colour, compactness, coverage
+from sdlora.demo.metrics import background_colour, compactness, coverage, read_image
 from sdlora.generate import GenerationParams, Generator, image_grid, save_png
 from sdlora.presets import preset_values
 from sdlora.train import train
@@ -146,37 +147,57 @@ def measure_prior(generator: Generator) -> dict[str, float]:
     return {"base": base, "drift_without_prior": base - without, "drift_with_prior": base - with_prior}
 
 
+STYLE_SEEDS = range(3)
+
+
 def style_images(generator: Generator, weights: dict[str, float]) -> list[Image.Image]:
-    return [i for p in STYLE_PROMPTS for i in render(generator, p, weights, seeds=range(3))]
+    return [i for p in STYLE_PROMPTS for i in render(generator, p, weights, seeds=STYLE_SEEDS)]
+
+
+def drawn_shape(image: Image.Image) -> str:
+    """The shape a filled drawing reads as (by its fill ratio): circle, square or triangle."""
+    return read_image(image).shape
 
 
 def measure_styles(generator: Generator) -> dict[str, dict[str, float]]:
-    """Interior ink (outlines are hollow) and background darkness, for the base, each style, and the
-    cross-fade (outlined 1 - t, dark t)."""
+    """Interior ink (outlines are hollow; the mean and the fullest of the nine pictures), background
+    darkness, and the share of pictures that still read as the prompt's shape, for the base, each style
+    and the cross-fade (outlined 1 - t, dark t)."""
     mixes = {"base": {}, "outlined": {"lora_outlined": 1.0}, "dark": {"lora_dark": 1.0}}
     mixes |= {f"t={t:g}": {"lora_outlined": 1 - t, "lora_dark": t} for t in STYLE_WEIGHTS}
+    asked = [p.split()[-1] for p in STYLE_PROMPTS for _ in STYLE_SEEDS]
     figures = {}
     for label, weights in mixes.items():
         images = style_images(generator, weights)
         figures[label] = {
             "interior_ink": float(np.mean([interior_ink(i) for i in images])),
+            "fullest_interior": float(max(interior_ink(i) for i in images)),
             "darkness": float(np.mean([darkness(i) for i in images])),
+            "right_shape": float(np.mean([drawn_shape(i) == a for i, a in zip(images, asked, strict=True)])),
         }
     return figures
 
 
 def test_subject_preset_draws_the_subject(generator):
-    """Measured with the refined demo decoder: base 0.211 -> 0.136 (the star's own images: 0.022)."""
+    """Without prior preservation: the star is drawn (measured: see docs/learning.json)."""
     figures = measure_subject(generator)
     assert figures["lora"] < 0.75 * figures["base"], figures
 
 
+def test_subject_preset_with_prior_preservation_still_draws_the_subject(generator):
+    """With prior preservation (what the Subject preset is for) the star is drawn too, about as well as
+    without it. Before the preset dropped captions, the adapter's unconditional prediction drifted and
+    guidance turned the pictures into red fragments (0.279, farther than the base's 0.211)."""
+    figures = measure_subject(generator)
+    assert figures["lora_with_prior"] < 0.75 * figures["base"], figures
+    assert figures["lora_with_prior"] < figures["lora"] + 0.05, figures
+
+
 def test_prior_preservation_limits_drift(generator):
-    """Drift of the class prompt is limited. Not yet claimed: that the Subject preset with prior
-    preservation still learns the subject (measured 0.279 against the base's 0.211: it does not)."""
+    """Without prior preservation "a purple shape on a white background" turns into stars; with it, less."""
     figures = measure_prior(generator)
-    assert figures["drift_without_prior"] > 0, figures  # without it, "a purple shape" turns into stars
-    assert figures["drift_with_prior"] < 0.6 * figures["drift_without_prior"], figures
+    assert figures["drift_without_prior"] > 0, figures
+    assert figures["drift_with_prior"] < figures["drift_without_prior"], figures
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +206,24 @@ def style_figures(generator) -> dict[str, dict[str, float]]:
 
 
 def test_style_presets_show_their_styles(style_figures):
+    """Filled shapes measure 0.9-1.0 interior ink, the training outlines 0.0-0.56 (a thin triangle's
+    outline reaches into the middle of its box)."""
     figures = style_figures
     base, outlined, dark = figures["base"], figures["outlined"], figures["dark"]
-    assert outlined["interior_ink"] < base["interior_ink"] - 0.3, figures  # hollow shapes
+    assert outlined["interior_ink"] < base["interior_ink"] - 0.5, figures  # hollow shapes
+    assert outlined["fullest_interior"] < 0.85, figures  # every one of the nine pictures
     assert dark["darkness"] > base["darkness"] + 0.4, figures  # dark backgrounds
     assert outlined["darkness"] < base["darkness"] + 0.1, figures  # each style keeps to itself
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the demo U-Net never saw a dark background: the Dark style darkens it but the shapes lose "
+    "their form (see docs/learning.json, styles.dark.right_shape, against the base's)",
+)
+def test_dark_style_keeps_the_shapes_form(style_figures):
+    figures = style_figures
+    assert figures["dark"]["right_shape"] >= figures["base"]["right_shape"] - 0.2, figures
 
 
 def test_style_cross_fade_moves_monotonically(style_figures):
@@ -203,7 +237,7 @@ def test_style_cross_fade_moves_monotonically(style_figures):
 
 
 def main(docs: Path) -> None:
-    """Train, measure and write docs/learning.json and docs/learning_grid.png."""
+    """Train, measure and write docs/learning.json and the grids docs/learning_*.png."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,10 +262,28 @@ def main(docs: Path) -> None:
                     render(generator, STYLE_PROMPTS[0], {"lora_outlined": 1 - t, "lora_dark": t}, [1])[0],
                 )
             )
+        every_seed = [
+            (f"{label} {prompt.split()[-1]} {seed}", image)
+            for label, weights in (
+                ("base", {}),
+                ("outl", {"lora_outlined": 1.0}),
+                ("dark", {"lora_dark": 1.0}),
+            )
+            for prompt, seed, image in zip(
+                [p for p in STYLE_PROMPTS for _ in STYLE_SEEDS],
+                [s for _ in STYLE_PROMPTS for s in STYLE_SEEDS],
+                style_images(generator, weights),
+                strict=True,
+            )
+        ]
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "learning.json").write_text(json.dumps(figures, indent=2) + "\n")
     save_png(image_grid(rows[:6], columns=3), docs / "learning_subject.png")
     save_png(image_grid(rows[6:], columns=len(STYLE_WEIGHTS)), docs / "learning_styles.png")
+    save_png(
+        image_grid(every_seed, columns=len(STYLE_PROMPTS) * len(STYLE_SEEDS)),
+        docs / "learning_style_seeds.png",
+    )
     print(json.dumps(figures, indent=2))
 
 

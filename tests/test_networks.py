@@ -142,3 +142,23 @@ def test_each_network_type_trains_and_its_file_says_what_it_is(kind, tiny_base, 
 def test_bad_network_options_are_named(change, option, tmp_path):
     with pytest.raises(ConfigError, match=option):
         train_config(tmp_path, "unused", tmp_path / "out", **change).validate()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(rank=64), r"--rank 64 is more than this base's narrowest adapted layer is wide \(32, "),
+        (dict(network="locon", conv_rank=200), r"--conv-rank 200 .* \(32, down_blocks"),
+    ],
+)
+def test_a_rank_wider_than_the_bases_layers_is_refused_before_any_work(
+    change, message, tiny_base, blob_folder, tmp_path
+):
+    """The tiny base's attention and first convolutions are 32 wide: a higher rank would only
+    add size, so the run stops at loading with the bound, and writes no adapter."""
+    config = train_config(blob_folder, tiny_base, tmp_path / "out", **change)
+    config.validate()  # the bound depends on the base, so only loading it can tell
+    with pytest.raises(ConfigError, match=message):
+        train(config)
+    assert not (tmp_path / "out" / "adapters").exists() or not any((tmp_path / "out" / "adapters").iterdir())
+    train(train_config(blob_folder, tiny_base, tmp_path / "ok", rank=32, steps=1))  # the bound itself is fine

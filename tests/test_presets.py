@@ -61,3 +61,12 @@ def test_an_unknown_preset_is_refused_by_name():
 @pytest.mark.parametrize(("text", "name"), [("quick-test", "Quick test"), ("STYLE", "Style"), ("x", "x")])
 def test_preset_names_are_matched_loosely(text, name):
     assert preset_name(text) == name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_switching_presets_resets_everything_a_preset_sets(family):
+    """The app leaves fields a preset doesn't name as they are, so every preset of a family names the
+    same fields: picking Subject after Style gives LoRA again, not Style's LoCon."""
+    fields = {name: frozenset(preset_values(name, family)) for name in PRESETS}
+    assert len(set(fields.values())) == 1, fields
+    assert preset_values("Subject", family)["network"] == "lora"

@@ -160,6 +160,17 @@ def upload_folder(page, folder: Path) -> None:
     page.locator("#upload-folder input[type=file]").set_input_files(folder)
 
 
+def drop_folder(page, folder: Path) -> None:
+    """Drop `folder` on the folder upload as from a file manager: Chromium's own drag and drop (through
+    the DevTools protocol), so the page gets a folder entry, not the files a picker would list."""
+    box = page.locator("#upload-folder").bounding_box()
+    point = {"x": box["x"] + box["width"] / 2, "y": box["y"] + box["height"] / 2}
+    data = {"items": [], "files": [str(folder)], "dragOperationsMask": 1}
+    devtools = page.context.new_cdp_session(page)
+    for kind in ("dragEnter", "dragOver", "drop"):
+        devtools.send("Input.dispatchDragEvent", {"type": kind, **point, "data": data})
+
+
 def test_page_serves_with_the_base_model_named(page, server):
     notice = page.locator("#base-notice")
     expect(notice).to_contain_text("demo model" if server.base is None else server.base)
@@ -292,6 +303,7 @@ def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(bro
         (run,) = (server.outputs / "runs").glob("first_job-*")
         pick(page, "run-pick", f"{run.name} · cancelled")
         expect(page.locator("#run-summary")).to_contain_text("first_job: cancelled")
+        expect(page.locator("#run-cancel")).to_be_hidden()  # only a running or queued run offers Cancel
         page.locator("#run-resume").click()
         expect(page.locator("#run-message")).to_contain_text("resuming first_job")
         (job,) = queue.jobs()
@@ -312,6 +324,8 @@ def test_after_a_restart_the_runs_tab_lists_runs_and_resumes_a_cancelled_one(bro
         )
         (sks,) = (server.outputs / "runs").glob("sks_star-*")
         pick(page, "run-pick", f"{sks.name} · done")
+        expect(page.locator("#run-message")).not_to_contain_text("Saved")  # that was about the other run
+        expect(page.locator("#run-cancel")).to_be_hidden()
         expect(page.locator("#run-samples img")).to_have_count(2)  # steps 20 and 40 of one sample prompt
         shot(page, "runs")
     finally:
@@ -419,3 +433,21 @@ def test_bad_input_shows_a_message_and_the_app_keeps_working(page, server, tmp_p
     open_app(page, server)  # still serving
     upload_folder(page, mixed)
     expect(page.locator("#upload-message")).to_contain_text("1 image(s) ready")
+
+
+def test_dropping_a_folder_works_like_picking_it(page, server, tmp_path):
+    """Browsers hand a dropped folder to the page as one entry Gradio can't read ("Failed to fetch"):
+    the page walks it, so sub-folders keep their kohya repeats and same-named files are both kept."""
+    folder = tmp_path / "my_set"
+    (folder / "3_red blob").mkdir(parents=True)
+    draw_blob(folder / "one.png", (32, 32), (200, 0, 0), caption="a red blob")
+    draw_blob(folder / "3_red blob" / "one.png", (32, 32), (0, 0, 200))
+    drop_folder(page, folder)
+    expect(page.locator("#upload-message")).to_contain_text("2 image(s) ready")
+    expect(page.locator("#captions")).to_contain_text("3_red blob/one.png")
+    expect(page.locator("#adapter-name textarea")).to_have_value("my_set")
+    open_app(page, server)  # a fresh upload area (Gradio's shows the files once it holds some)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    drop_folder(page, empty)
+    expect(page.locator("#upload-message")).to_contain_text("has no files")

@@ -46,18 +46,51 @@ CSS = """
 # Browsers send a picked folder's files under their bare names, so sub-folders (kohya's `N_words`) and
 # same-named files in different sub-folders would be lost: rename each file to its path inside the folder
 # (parts joined by RELATIVE_SEP) before Gradio uploads it, and send a marker for a folder with no files.
+# A dropped folder reaches Gradio as one unreadable entry (the upload fails with "Failed to fetch"), so
+# a drop that holds folders is walked here and handed to the input as if its files had been picked.
 HEAD = f"""<script>
+const sdloraName = (path) => path.split("/").join("{RELATIVE_SEP}");
+const sdloraFiles = (files) => {{
+  const transfer = new DataTransfer();
+  if (!files.length) transfer.items.add(new File([], "{EMPTY_FOLDER}"));
+  for (const [file, path] of files) {{
+    transfer.items.add(new File([file], sdloraName(path), {{ type: file.type, lastModified: file.lastModified }}));
+  }}
+  return transfer.files;
+}};
 document.addEventListener("change", (event) => {{
   const input = event.target;
   if (!(input instanceof HTMLInputElement) || input.type !== "file" || !input.webkitdirectory) return;
-  const transfer = new DataTransfer();
-  const files = Array.from(input.files || []);
-  if (!files.length) transfer.items.add(new File([], "{EMPTY_FOLDER}"));
-  for (const file of files) {{
-    const name = (file.webkitRelativePath || file.name).split("/").join("{RELATIVE_SEP}");
-    transfer.items.add(new File([file], name, {{ type: file.type, lastModified: file.lastModified }}));
+  if (input.dataset.sdloraDropped) {{  // the drop below has named the files already
+    delete input.dataset.sdloraDropped;
+    return;
   }}
-  input.files = transfer.files;
+  const picked = Array.from(input.files || [], (file) => [file, file.webkitRelativePath || file.name]);
+  input.files = sdloraFiles(picked);
+}}, true);
+async function sdloraWalk(entry, found) {{
+  if (entry.isFile) {{
+    found.push([await new Promise((done, fail) => entry.file(done, fail)), entry.fullPath.replace(/^\\//, "")]);
+    return;
+  }}
+  const reader = entry.createReader();
+  for (let batch; (batch = await new Promise((done, fail) => reader.readEntries(done, fail))).length; ) {{
+    for (const child of batch) await sdloraWalk(child, found);
+  }}
+}}
+document.addEventListener("drop", async (event) => {{
+  const zone = event.target instanceof Element ? event.target.closest(".block") : null;
+  const input = zone && zone.querySelector("input[type=file]");
+  const entries = Array.from(event.dataTransfer?.items || [], (item) => item.webkitGetAsEntry?.());
+  if (!input || !input.webkitdirectory || !entries.some((entry) => entry?.isDirectory)) return;
+  event.preventDefault();
+  event.stopPropagation();
+  zone.querySelector("button")?.dispatchEvent(new DragEvent("drop", {{ bubbles: true, cancelable: true }}));
+  const found = [];
+  for (const entry of entries) if (entry) await sdloraWalk(entry, found);
+  input.files = sdloraFiles(found);
+  input.dataset.sdloraDropped = "1";
+  input.dispatchEvent(new Event("change", {{ bubbles: true }}));
 }}, true);
 // AUTOMATIC1111's habit: Ctrl+Enter (Cmd+Enter on a Mac) in a prompt box generates.
 document.addEventListener("keydown", (event) => {{

@@ -11,6 +11,7 @@ import pandas as pd
 from sdlora.jobs import loss_curves
 from sdlora.train.runs import (
     RUN_COLUMNS,
+    RunInfo,
     RunState,
     checkpoint_adapter,
     list_runs,
@@ -42,7 +43,7 @@ def build_runs_tab(ctx: AppContext, tab: gr.Tab) -> None:
     summary = gr.Markdown(elem_id="run-summary")
     with gr.Row():
         resume = gr.Button("Resume from its last checkpoint", elem_id="run-resume")
-        cancel = gr.Button("Cancel…", variant="stop", elem_id="run-cancel")
+        cancel = gr.Button("Cancel…", variant="stop", visible=False, elem_id="run-cancel")
     with gr.Row(visible=False) as confirm_row:
         confirm_text = gr.Markdown()
         confirm = gr.Button("Yes, cancel it", variant="stop", elem_id="run-confirm-cancel")
@@ -76,9 +77,15 @@ def build_runs_tab(ctx: AppContext, tab: gr.Tab) -> None:
     tab.select(listed, picker, [table, picker])
     refresh.click(listed, picker, [table, picker])
 
+    def cancellable(info: RunInfo) -> gr.Button:
+        """Cancel is offered only for a run that is running or queued."""
+        running = info.state is RunState.RUNNING or ctx.queue.job_for_run(info.folder.path) is not None
+        return gr.Button(visible=running)
+
     def shown(path: str | None) -> tuple:
         if not path or not Path(path).is_dir():
-            return "No run selected.", gr.Dropdown(choices=[], value=None), None, [], gr.skip(), ""
+            empty = ("No run selected.", gr.Dropdown(choices=[], value=None), None, [], gr.skip(), "")
+            return *empty, gr.Button(visible=False), "", gr.Row(visible=False)
         info = run_info(Path(path))
         cells, columns = sample_grid(info)
         best = info.best_checkpoint
@@ -96,30 +103,34 @@ def build_runs_tab(ctx: AppContext, tab: gr.Tab) -> None:
             [(str(p), caption) for p, caption in cells],
             gr.Gallery(columns=columns),
             settings_lines(info.settings),
+            cancellable(info),
+            "",  # a message about the previously picked run no longer applies
+            gr.Row(visible=False),
         )
 
-    details = [summary, checkpoint, loss, grid, grid, settings]
+    details = [summary, checkpoint, loss, grid, grid, settings, cancel, message, confirm_row]
     picker.change(shown, picker, details)
 
     def polled(path: str | None) -> tuple:
-        """Follow a running run; anything else stays as it is."""
-        if not path or not Path(path).is_dir() or run_info(Path(path)).state is not RunState.RUNNING:
-            return (gr.skip(),) * 2
+        """Follow a running run, and hide Cancel once it has ended; anything else stays as it is."""
+        if not path or not Path(path).is_dir():
+            return (gr.skip(),) * 3
         info = run_info(Path(path))
-        return run_summary(info), [(str(p), c) for p, c in sample_grid(info)[0]]
+        if info.state is not RunState.RUNNING:
+            return gr.skip(), gr.skip(), cancellable(info)
+        return run_summary(info), [(str(p), c) for p, c in sample_grid(info)[0]], cancellable(info)
 
-    timer.tick(polled, picker, [summary, grid], show_progress="hidden")
+    timer.tick(polled, picker, [summary, grid, cancel], show_progress="hidden")
 
     def resumed(path: str | None) -> tuple:
         try:
             job = ctx.queue.resume_run(Path(path or ""))
         except USER_ERRORS as error:
-            return problem(error), *listed(path)
-        return f"Job {job.id} submitted: resuming `{job.config.name}` from its last checkpoint.", *listed(
-            path
-        )
+            return problem(error), *listed(path), gr.skip()
+        submitted = f"Job {job.id} submitted: resuming `{job.config.name}` from its last checkpoint."
+        return submitted, *listed(path), gr.Button(visible=True)
 
-    resume.click(resumed, picker, [message, table, picker])
+    resume.click(resumed, picker, [message, table, picker, cancel])
 
     def asked(path: str | None) -> tuple:
         if not path:

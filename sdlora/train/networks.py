@@ -103,6 +103,32 @@ def unet_target_modules(unet: torch.nn.Module, targets: str) -> list[str]:
     )
 
 
+def narrowest_layer(model: torch.nn.Module, targets: list[str]) -> tuple[str, int]:
+    """The adapted layer (a full name, or a suffix as peft matches it) whose weight has the lowest
+    possible rank, and that rank: min(out, in) for a linear layer, min(out, in x kernel) for a conv."""
+    widths = {
+        name: min(module.out_features, module.in_features)
+        if isinstance(module, torch.nn.Linear)
+        else min(module.out_channels, module.weight[0].numel())
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+        and any(name == t or name.endswith("." + t) for t in targets)
+    }
+    return min(widths.items(), key=lambda item: item[1])
+
+
+def check_ranks(
+    config: TrainConfig, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]
+) -> None:
+    """Refuse a rank the base's adapted layers can't hold, before anything is generated or cached."""
+    layers = [narrowest_layer(unet, unet_target_modules(unet, config.targets))]
+    if config.text_encoder:
+        targets = list(family_of(unet).text_encoder_targets)
+        layers += [narrowest_layer(encoder, targets) for encoder in text_encoders.values()]
+    conv = narrowest_layer(unet, unet_conv_modules(unet)) if config.network in CONV_NETWORKS else None
+    config.check_rank_fits(min(layers, key=lambda layer: layer[1]), conv)
+
+
 def add_adapters(
     config: TrainConfig,
     unet: torch.nn.Module,

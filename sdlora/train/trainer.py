@@ -62,7 +62,7 @@ from sdlora.train.events import (
 )
 from sdlora.train.loss import LossContext, diffusion_loss, training_scheduler
 from sdlora.train.naming import adapter_file, adapter_name
-from sdlora.train.networks import adapter_state, add_adapters, restore_adapter_state
+from sdlora.train.networks import adapter_state, add_adapters, check_ranks, restore_adapter_state
 from sdlora.train.optimizers import evaluation_weights, make_optimizer, param_groups
 from sdlora.train.prior import ensure_class_images
 from sdlora.train.result import CancelledBeforeTraining, TrainingError, TrainResult
@@ -488,6 +488,7 @@ def setup(
     pipe = load_base(base, **_quantized(config, weight_dtype))
     conditioner = TextConditioner(pipe)
     _freeze(pipe, conditioner, weight_dtype, device)
+    check_ranks(config, pipe.unet, conditioner.encoders)
     resolution = config.resolution or native_resolution(pipe)
     name, adapter_path, family = adapter_name(config), adapter_file(config), family_of(pipe).name
     run.write_config(
