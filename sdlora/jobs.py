@@ -35,7 +35,7 @@ from sdlora.train.events import (
     ValidationEvent,
 )
 from sdlora.train.launch import train_distributed
-from sdlora.train.runs import RunFolder, RunState, run_config, run_info
+from sdlora.train.runs import RunFolder, RunState, run_config, run_info, settings_lines
 
 E = TypeVar("E", bound=Event)
 
@@ -279,12 +279,7 @@ def eta_seconds(steps: Sequence[StepEvent]) -> float | None:
 
 def settings_text(config: TrainConfig) -> str:
     """A job's settings as 'option = value' lines, the run's config a user can compare with the form."""
-    skip = {"outputs"}
-    return "\n".join(
-        f"{key} = {value}"
-        for key, value in dataclasses.asdict(config).items()
-        if key not in skip and value not in (None, [], "")
-    )
+    return settings_lines({k: v for k, v in dataclasses.asdict(config).items() if k != "outputs"})
 
 
 def job_view(job: Job | None, jobs: Iterable[Job] = ()) -> JobView:

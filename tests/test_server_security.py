@@ -298,8 +298,9 @@ def test_launch_prints_the_warning_for_a_host_option(monkeypatch, capsys, tmp_pa
 
 def test_a_sweep_of_thousands_of_weights_is_refused_before_any_model_loads(client):
     weights = ", ".join(str(n / 1000) for n in range(2000))
-    rows = [None, False, 1.0] * 4
-    result = call(client, "handler_2", ["demo", "a star", "", 0, 20, 7.0, "native", "dpm++", weights, *rows])
+    rows = [None, False, 1.0] * 4  # four adapter rows: name, on, weight
+    form = ["demo", "a star", "", 0, 20, 7.0, "native", "dpm++", *rows, weights]
+    result = call(client, "sweep", [*form, "Adapter 1 weight", "", "none", ""])  # then the X/Y axes
     assert f"at most {MAX_IMAGES} images" in result[2]
 
 

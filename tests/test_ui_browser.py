@@ -222,7 +222,9 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     expect(page.locator("#samples img")).to_have_count(2)
     expect(page.locator("#loss-plot canvas, #loss-plot svg").first).to_be_visible()
     page.get_by_text("This job's settings").click()
-    expect(page.locator("#job-settings")).to_contain_text("snr_gamma = 5.0")
+    expect(page.locator("#job-settings textarea")).to_have_value(
+        re.compile(r"^data_dir = .*\nsnr_gamma = 5.0\n", re.S)
+    )
     (run,) = (server.outputs / "runs").glob("sks_star-*")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000020", "step-000040"]
     upload_folder(page, DATA / "sks_star")  # the form as it was, for the screenshot

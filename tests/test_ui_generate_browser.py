@@ -205,6 +205,7 @@ def test_a_page_that_went_away_stops_its_generation(browser, page, server):  # n
 
 def test_the_adapter_menus_follow_the_library(page, server):
     library = server.outputs / "adapters"
+    pick(page, "adapter-0", "style_outlined")  # a pick the refresh must keep
     shutil.copy(library / "style_dark.safetensors", library / "fresh_one.safetensors")  # a job finished
     page.locator("#adapter-2 input").click()
     expect(page.locator("#adapter-2").get_by_role("option", name="fresh_one", exact=True)).to_be_visible(
@@ -216,6 +217,7 @@ def test_the_adapter_menus_follow_the_library(page, server):
     page.locator("#adapter-2 input").click()
     expect(page.locator("#adapter-2").get_by_role("option", name="style_dark", exact=True)).to_be_visible()
     expect(page.locator("#adapter-2").get_by_role("option", name="fresh_one", exact=True)).to_have_count(0)
+    assert page.locator("#adapter-0 input").input_value() == "style_outlined"
 
 
 def test_png_info_reads_a_png_and_sends_its_settings_to_generate(page, server, tmp_path):

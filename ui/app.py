@@ -38,6 +38,7 @@ CSS = """
 .pixelated img { image-rendering: pixelated; }
 #library-sample img, #png-drop img { width: 100%; height: 100%; object-fit: contain; }
 .sdlora-gallery .grid-wrap { max-height: none; overflow: visible; }
+.sdlora-settings textarea { font-family: monospace; }
 .sdlora-progress { display: flex; gap: 1em; align-items: center; }
 .sdlora-progress progress { flex: 1; height: 1.2em; }
 """

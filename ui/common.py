@@ -33,3 +33,17 @@ def problem(error: Exception | str) -> str:
     message = str(error)
     gr.Warning(html.escape(message))  # the toast renders HTML; file names come from the user
     return f"⚠️ {message}"
+
+
+def settings_box(elem_id: str) -> gr.Textbox:
+    """A read-only, copyable box of 'option = value' lines: all of them are in the page (an editor would
+    draw only the lines in view), so the browser's find and the Copy button see every setting."""
+    return gr.Textbox(
+        lines=12,
+        max_lines=12,
+        interactive=False,
+        show_label=False,
+        buttons=["copy"],
+        elem_id=elem_id,
+        elem_classes=["sdlora-settings"],
+    )

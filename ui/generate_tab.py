@@ -261,8 +261,13 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
     dice.click(lambda: -1, None, seed)
 
     def menus(*current: str | None) -> list:
+        """New choices for the adapter menus. A menu's value is cleared only when its adapter is gone: the
+        values read here may be older than a pick the user made meanwhile, which must stay."""
         names = adapter_names(ctx.outputs)
-        return [names] + [gr.Dropdown(choices=names, value=v if v in names else None) for v in current]
+        return [names] + [
+            gr.Dropdown(choices=names, value=None) if v and v not in names else gr.Dropdown(choices=names)
+            for v in current
+        ]
 
     def axes() -> tuple:
         runs = [f"{CHECKPOINTS}{run}" for run in ctx.studio.checkpoint_runs()]
@@ -357,10 +362,10 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
     # One queue for every generating event: a click waits its turn (the page shows its place) rather
     # than holding a thread while another page's images are made.
     queued = {"concurrency_limit": 1, "concurrency_id": "generate"}
-    generate.click(action(one), inputs, outputs, **queued)
-    compare.click(action(compared), inputs, outputs, **queued)
-    sweep.click(action(swept), inputs, outputs, **queued)
-    plot.click(action(plotted), inputs, outputs, **queued)
+    generate.click(action(one), inputs, outputs, **queued, api_name="generate")
+    compare.click(action(compared), inputs, outputs, **queued, api_name="compare")
+    sweep.click(action(swept), inputs, outputs, **queued, api_name="sweep")
+    plot.click(action(plotted), inputs, outputs, **queued, api_name="xy_plot")
     live_render = action(one)
 
     def moved(values: dict, request: gr.Request) -> tuple:

@@ -21,7 +21,7 @@ from sdlora.train.runs import (
     sample_grid,
     settings_lines,
 )
-from ui.common import USER_ERRORS, AppContext, problem
+from ui.common import USER_ERRORS, AppContext, problem, settings_box
 
 POLL_SECONDS = 2.0
 
@@ -63,7 +63,7 @@ def build_runs_tab(ctx: AppContext, tab: gr.Tab) -> None:
             elem_id="run-samples",
         )
     with gr.Accordion("Settings", open=False):
-        settings = gr.Code(language=None, interactive=False, elem_id="run-settings")
+        settings = settings_box("run-settings")
     timer = gr.Timer(POLL_SECONDS)
 
     def listed(selected: str | None) -> tuple:

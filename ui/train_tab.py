@@ -15,7 +15,7 @@ from sdlora.forms import FORM_FIELDS, MAIN_OPTIONS, OPTION_FIELDS, TrainForm, ma
 from sdlora.jobs import JobView, job_view, pending_names
 from sdlora.presets import PRESETS, preset_family, preset_values
 from sdlora.train.launch import gpu_count
-from ui.common import USER_ERRORS, AppContext, problem
+from ui.common import USER_ERRORS, AppContext, problem, settings_box
 from ui.guard import client_owner
 from ui.options import option_control, option_value
 
@@ -150,7 +150,7 @@ def build_train_tab(app: gr.Blocks, ctx: AppContext, base_box: gr.Textbox, initi
             elem_id="samples",
         )
     with gr.Accordion("This job's settings", open=False):
-        settings = gr.Code(language=None, elem_id="job-settings", interactive=False)
+        settings = settings_box("job-settings")
     timer = gr.Timer(POLL_SECONDS, active=False)
     seen = gr.State("")  # what the page shows, so an unchanged job sends nothing
     mine = gr.State(None)  # the id of the job this page started: the one it shows and cancels
