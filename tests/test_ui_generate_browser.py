@@ -137,7 +137,12 @@ def test_one_and_sixteen_images_are_shown_whole(page, server):
     page.locator("#sweep-weights textarea").fill(", ".join(f"{w / 10:g}" for w in range(16)))
     pick(page, "adapter-0", "style_outlined")
     page.locator("#sweep").click()
-    expect(page.locator("#gallery")).to_contain_text("style_outlined 1.5", timeout=GENERATE_TIMEOUT_MS)
+    try:
+        expect(page.locator("#gallery")).to_contain_text("style_outlined 1.5", timeout=GENERATE_TIMEOUT_MS)
+    except AssertionError as error:  # say what the page said
+        message = page.locator("#generate-message").inner_text()
+        chosen = page.locator("#adapter-0 input").input_value()
+        raise AssertionError(f"message {message!r}, adapter {chosen!r}") from error
     assert_whole_and_pixelated(page, 16)
     shot(page, "generate-16-images")
     page.locator("#sweep-weights textarea").fill(", ".join("0" * 17))
