@@ -211,6 +211,7 @@ def test_a_page_that_went_away_stops_its_generation(browser, page, server):  # n
 def test_the_adapter_menus_follow_the_library(page, server):
     library = server.outputs / "adapters"
     pick(page, "adapter-0", "style_outlined")  # a pick the refresh must keep
+    assert page.locator("#adapter-on-0 input").is_checked()  # at once, in the page: no round trip to lose
     shutil.copy(library / "style_dark.safetensors", library / "fresh_one.safetensors")  # a job finished
     page.locator("#adapter-2 input").click()
     expect(page.locator("#adapter-2").get_by_role("option", name="fresh_one", exact=True)).to_be_visible(

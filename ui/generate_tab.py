@@ -211,7 +211,9 @@ def build_generate_tab(ctx: AppContext, base_box: gr.Textbox, load: gr.Button, t
                         scale=3,
                         elem_id=f"adapter-weight-{index}",
                     )
-                picker.input(lambda name: bool(name), picker, on)
+                # Picking an adapter switches its row on in the page itself: a server round trip could
+                # lose the race with a click on Generate or Sweep right after the pick.
+                picker.input(None, picker, on, js="(name) => Boolean(name)")
                 pickers.append(picker)
                 ons.append(on)
                 weights.append(weight)
