@@ -66,7 +66,7 @@ PRESETS: dict[str, Preset] = {
         per_family=_per_family(
             # Captions dropped on 10% of the steps train the empty prompt too: without that, the
             # prior loss let the adapter's unconditional prediction drift, and guidance then drew
-            # red fragments instead of the star (star distance 0.279 -> 0.103, base 0.211).
+            # red fragments instead of the star (star distance 0.279 -> 0.103, base 0.211, previous model).
             demo=dict(steps=400, num_class_images=16, caption_dropout=0.1),
             sd=dict(steps=1200, num_class_images=100),
             sdxl=dict(steps=1500, num_class_images=100),
@@ -77,8 +77,10 @@ PRESETS: dict[str, Preset] = {
         prior=False,
         per_family=_per_family(
             # LoCon (the resnets' convolutions too): with attention alone the outlines stayed
-            # filled (interior ink 0.45); with it every circle and square is hollow.
-            demo=dict(steps=400, num_class_images=16, network="locon"),
+            # filled (interior ink 0.45); with it every circle and square is hollow. Captions dropped
+            # on 10% of the steps, as for Subject: a style trained on plain captions moved only the
+            # captioned prediction, guidance amplified the gap, and the dark style came out as blobs.
+            demo=dict(steps=400, num_class_images=16, network="locon", caption_dropout=0.1),
             sd=dict(steps=2000, rank=32, alpha=16, num_class_images=100),
             sdxl=dict(steps=2500, rank=32, alpha=16, num_class_images=100),
         ),

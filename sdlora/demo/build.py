@@ -69,6 +69,7 @@ SAMPLE_PROMPTS = (
     "a purple cross on a white background",
     "a black square on a light gray background",
     "a large blue circle on a light yellow background",
+    "a yellow triangle on a navy background",
 )
 
 
@@ -528,16 +529,16 @@ def write_model_card(model_dir: Path) -> None:
 
 A tiny Stable Diffusion 1.x-style model trained from scratch by `python -m sdlora.demo.build` on procedural
 images of filled circles, squares, triangles, diamonds and crosses in red, orange, yellow, green, blue,
-purple and black on plain backgrounds (`sdlora/demo/shapes.py`). Stars, rings, the outlined / striped
-styles and dark backgrounds were left out of the U-Net's data, for LoRA training examples (`training_data/`);
-the VAE saw them, so a LoRA that teaches them can draw them.
+purple and black on plain backgrounds (`sdlora/demo/shapes.py`), dark ones (navy, dark gray) only when the
+caption names them. Stars, rings and the outlined / striped styles were left out of its data, for LoRA
+training examples (`training_data/`); the VAE's decoder saw them, so a LoRA that teaches them can draw them.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("sdlora/demo/model")  # fp16 files load as float32
     image = pipe("a red circle on a white background", num_inference_steps=25, guidance_scale=4).images[0]
 
 Prompts follow the training captions: "a/an [small|large] <colour> <shape name, or just shape> [on a <background> background]"
-with backgrounds white, light gray, light yellow, light blue. Native size 32x32 (8x8x4 latents).
+with backgrounds white, light gray, light yellow, light blue, navy, dark gray. Native size 32x32 (8x8x4 latents).
 
 | part | parameters | training |
 |---|---|---|

@@ -99,8 +99,9 @@ EXAMPLE_SETS: tuple[ExampleSet, ...] = (
     ExampleSet(
         name="style_dark",
         description=(
-            "style: the same shapes as style_outlined, filled, on a dark navy background (the base only knows "
-            "light ones); plain captions like style_outlined, so the two style LoRAs can be mixed on one prompt."
+            "style: the same shapes as style_outlined, filled, on a dark navy background (the base draws one "
+            "only when the prompt names it); plain captions like style_outlined, so the two style LoRAs can be "
+            "mixed on one prompt."
         ),
         specs=styled_specs("filled", background="navy"),
         caption=plain_caption,

@@ -4,10 +4,11 @@ Everything is drawn with PIL at ``supersample`` times the output size and box-do
 antialiased like a real (if very simple) photo. All randomness goes through a seeded ``random.Random`` so
 a given seed always yields the same dataset, which keeps the demo model build reproducible.
 
-The base model's U-Net is trained only on :data:`BASE_SHAPES` drawn ``"filled"`` on light backgrounds.
-:data:`NEW_SUBJECT_SHAPES` (star, ring), the ``"outlined"`` / ``"striped"`` styles and the dark
-backgrounds are held back from it so that LoRA examples can teach something it has genuinely never
-seen; only the VAE sees them (:func:`vae_variety`), so that what a LoRA teaches can be drawn at all.
+The base model is trained only on :data:`BASE_SHAPES` drawn ``"filled"`` (:func:`make_dataset`), mostly
+on light backgrounds and on a few dark ones that its captions always name. :data:`NEW_SUBJECT_SHAPES`
+(star, ring) and the ``"outlined"`` / ``"striped"`` styles are held back from it so that LoRA examples
+can teach something it has genuinely never seen; only the VAE's decoder sees them (:func:`vae_variety`),
+so that what a LoRA teaches can be drawn at all.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "light yellow": (250, 245, 205),
     "light blue": (210, 230, 250),
 }
-# Held back from the U-Net (never in a base caption); the VAE learns to draw them.
+# In the base data only when the caption names them (see BASE_BACKGROUND_WEIGHTS).
 DARK_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "navy": (28, 32, 72),
     "dark gray": (52, 52, 58),
@@ -55,6 +56,13 @@ BACKGROUND_WEIGHTS: dict[str, float] = {
     "light gray": 0.1,
     "light yellow": 0.1,
     "light blue": 0.1,
+}
+# The base model's data: the same, plus dark backgrounds in one image of eight, always named in the
+# caption. The base can then draw "on a navy background", and a plain "a red circle" still means a light
+# one, so a dark-background style LoRA only has to make the dark one the default.
+BASE_BACKGROUND_WEIGHTS: dict[str, float] = {
+    **{name: weight * 0.875 for name, weight in BACKGROUND_WEIGHTS.items()},
+    **dict.fromkeys(DARK_BACKGROUNDS, 0.0625),
 }
 
 STYLES: tuple[str, ...] = ("filled", "outlined", "striped")
@@ -239,11 +247,13 @@ def random_spec(
 def random_caption(rng: random.Random, spec: ShapeSpec) -> str:
     """Caption for ``spec``: mostly the full template, sometimes short, generic or with a size word.
 
-    The short form ("a red circle") lets users leave out the background; size words appear only for
-    clearly small or large shapes so they stay truthful; one caption in ten says "shape" instead of the
-    shape's name.
+    The short form ("a red circle") lets users leave out a light background (a dark one is always
+    named); size words appear only for clearly small or large shapes so they stay truthful; one caption
+    in ten says "shape" instead of the shape's name.
     """
-    return spec.caption(size_word=rng.random() < 0.5, short=rng.random() < 0.2, generic=rng.random() < 0.1)
+    size_word, short, generic = rng.random() < 0.5, rng.random() < 0.2, rng.random() < 0.1
+    short = short and spec.background not in DARK_BACKGROUNDS
+    return spec.caption(size_word=size_word, short=short, generic=generic)
 
 
 def vae_variety(count: int, *, seed: int = 0) -> np.ndarray:
@@ -264,7 +274,9 @@ def vae_variety(count: int, *, seed: int = 0) -> np.ndarray:
 
 
 def make_dataset(count: int, *, seed: int = 0, **spec_options: object) -> tuple[np.ndarray, list[str]]:
-    """``count`` random images as a uint8 array (N, H, W, 3) with their captions; same seed, same data."""
+    """``count`` random images of the base model's data as a uint8 array (N, H, W, 3) with their captions;
+    same seed, same data."""
+    spec_options.setdefault("backgrounds", BASE_BACKGROUND_WEIGHTS)
     rng = random.Random(seed)
     images = np.empty((count, NATIVE_RESOLUTION, NATIVE_RESOLUTION, 3), dtype=np.uint8)
     captions = []
