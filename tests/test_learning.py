@@ -164,17 +164,21 @@ def drawn_shape(image: Image.Image) -> str:
     return read_image(image).shape
 
 
-def measure_styles(generator: Generator) -> dict[str, dict[str, float]]:
-    """Interior ink (outlines are hollow; the mean and the fullest of the nine pictures), background
-    darkness, and the share of pictures that still read as the prompt's shape, for the base (also with
-    the navy background named in the prompt), each style and the cross-fade (outlined 1 - t, dark t)."""
+def style_pictures(generator: Generator) -> dict[str, list[Image.Image]]:
+    """The nine style pictures of the base (also with the navy background named in the prompt), each
+    style and the cross-fade (outlined 1 - t, dark t), rendered once for the figures and the grid."""
     mixes = {"base": ({}, ""), "base_named_dark": ({}, NAMED_DARK)}
     mixes |= {"outlined": ({"lora_outlined": 1.0}, ""), "dark": ({"lora_dark": 1.0}, "")}
     mixes |= {f"t={t:g}": ({"lora_outlined": 1 - t, "lora_dark": t}, "") for t in STYLE_WEIGHTS}
+    return {label: style_images(generator, weights, suffix) for label, (weights, suffix) in mixes.items()}
+
+
+def measure_styles(pictures: dict[str, list[Image.Image]]) -> dict[str, dict[str, float]]:
+    """Interior ink (outlines are hollow; the mean and the fullest of the nine pictures), background
+    darkness, and the share of pictures that still read as the prompt's shape, for each mix."""
     asked = [p.split()[-1] for p in STYLE_PROMPTS for _ in STYLE_SEEDS]
     figures = {}
-    for label, (weights, suffix) in mixes.items():
-        images = style_images(generator, weights, suffix)
+    for label, images in pictures.items():
         figures[label] = {
             "interior_ink": float(np.mean([interior_ink(i) for i in images])),
             "fullest_interior": float(max(interior_ink(i) for i in images)),
@@ -209,7 +213,7 @@ def test_prior_preservation_limits_drift(generator):
 
 @pytest.fixture(scope="module")
 def style_figures(generator) -> dict[str, dict[str, float]]:
-    return measure_styles(generator)
+    return measure_styles(style_pictures(generator))
 
 
 def test_style_presets_show_their_styles(style_figures):
@@ -252,10 +256,11 @@ def main(docs: Path) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         generator = make_generator(train_adapters(Path(tmp)))
+        pictures = style_pictures(generator)
         figures = {
             "subject_star_distance": measure_subject(generator),
             "class_prompt_drift_toward_star": measure_prior(generator),
-            "styles": measure_styles(generator),
+            "styles": measure_styles(pictures),
         }
         rows = []
         for prompt in (SUBJECT_PROMPT, CLASS_PROMPT):
@@ -274,16 +279,16 @@ def main(docs: Path) -> None:
             )
         every_seed = [
             (f"{label} {prompt.split()[-1]} {seed}", image)
-            for label, weights, suffix in (
-                ("base", {}, ""),
-                ("outl", {"lora_outlined": 1.0}, ""),
-                ("dark", {"lora_dark": 1.0}, ""),
-                ("base+navy", {}, NAMED_DARK),
+            for label, mix in (
+                ("base", "base"),
+                ("outl", "outlined"),
+                ("dark", "dark"),
+                ("base+navy", "base_named_dark"),
             )
             for prompt, seed, image in zip(
                 [p for p in STYLE_PROMPTS for _ in STYLE_SEEDS],
                 [s for _ in STYLE_PROMPTS for s in STYLE_SEEDS],
-                style_images(generator, weights, suffix),
+                pictures[mix],
                 strict=True,
             )
         ]
