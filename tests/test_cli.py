@@ -135,7 +135,7 @@ def test_a_preset_fills_the_settings_and_flags_override_it(tiny_base, blob_folde
 
 def test_the_demo_model_gets_the_demo_presets(blob_folder, capsys):
     config = parsed_train_config(str(blob_folder), "--preset", "Subject")
-    assert (config.steps, config.lr, config.num_class_images, config.batch_size) == (400, 1e-3, 16, 4)
+    assert (config.steps, config.lr, config.num_class_images, config.batch_size) == (600, 1e-3, 16, 4)
     assert "meant with prior preservation: add --class-prompt" in capsys.readouterr().err
 
 

@@ -33,7 +33,7 @@ def test_the_demo_presets_are_the_recipe_the_learning_tests_prove():
         4,
         4,
         5.0,
-        400,
+        600,
         1e-3,
     )
     assert PRESETS["Subject"].prior and not PRESETS["Style"].prior

@@ -7,7 +7,7 @@ procedural shapes of :mod:`sdlora.demo.shapes` with SD 1.x's noise schedule and 
 
 Usage::
 
-    python -m sdlora.demo.build                 # full build into sdlora/demo/model (~35 min on 2 cores)
+    python -m sdlora.demo.build                 # full build into sdlora/demo/model (~40 min on 2 cores)
     python -m sdlora.demo.build --quick --out /tmp/demo_quick   # smoke test of this script (~1 min)
 """
 
@@ -77,11 +77,12 @@ SAMPLE_PROMPTS = (
 class BuildConfig:
     """Sizes, step and time budgets, learning rates; the defaults are the shipped model's recipe.
 
-    The time budgets keep the full build near 35 minutes on a 2-core CPU even when it is shared.
+    The time budgets keep the full build near 40 minutes on a 2-core CPU even when it is shared.
     """
 
     dataset_size: int = 40_000
-    decoder_variety_size: int = 10_000  # held-back shapes, styles and backgrounds that only the decoder sees
+    decoder_variety_size: int = 10_000  # held-back shapes, styles, backgrounds for refining the decoder
+    vae_variety_share: float = 0.3  # share of the VAE's training images drawn from `vae_variety`
     decoder_steps: int = 800
     decoder_batch: int = 64
     decoder_lr: float = 5e-4
@@ -254,10 +255,19 @@ def parameter_count(*modules: torch.nn.Module) -> int:
 
 
 def train_vae(
-    images: torch.Tensor, config: BuildConfig, generator: torch.Generator, device: torch.device
+    images: torch.Tensor,
+    variety: torch.Tensor,
+    config: BuildConfig,
+    generator: torch.Generator,
+    device: torch.device,
 ) -> tuple[AutoencoderKL, dict]:
-    """Fit the autoencoder with MSE plus SD's tiny KL term, then measure reconstruction on held-out images."""
-    held_out, train = images[:512], images[512:]
+    """Fit the autoencoder with MSE plus SD's tiny KL term, then measure reconstruction on held-out images.
+
+    It learns from the base images and from ``variety`` (held-back shapes, styles, dark backgrounds),
+    as SD's VAE learned from far more than any one concept: the encoder then keeps a stripe, an outline
+    or a navy corner apart in the latents, so the decoder never has to guess which one a latent means.
+    """
+    held_out, train = images[:512], torch.cat([images[512:], variety])
     vae = make_vae().to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     schedule = Schedule("vae", config.vae_steps, config.vae_minutes, config.warmup_steps, config.log_every)
@@ -530,8 +540,8 @@ def write_model_card(model_dir: Path) -> None:
 A tiny Stable Diffusion 1.x-style model trained from scratch by `python -m sdlora.demo.build` on procedural
 images of filled circles, squares, triangles, diamonds and crosses in red, orange, yellow, green, blue,
 purple and black on plain backgrounds (`sdlora/demo/shapes.py`), dark ones (navy, dark gray) only when the
-caption names them. Stars, rings and the outlined / striped styles were left out of its data, for LoRA
-training examples (`training_data/`); the VAE's decoder saw them, so a LoRA that teaches them can draw them.
+caption names them. Stars, rings and the outlined style were left out of its data, for LoRA
+training examples (`training_data/`); the VAE saw them, so a LoRA that teaches them can draw them.
 
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained("sdlora/demo/model")  # fp16 files load as float32
@@ -592,7 +602,10 @@ def build_demo_model(
     images = to_model_space(images_u8)
     log(f"dataset: {len(captions)} images, e.g. {captions[:3]}")
 
-    vae, vae_info = train_vae(images, config, generator, device)
+    share = config.vae_variety_share
+    variety = to_model_space(vae_variety(round(len(images) * share / (1 - share)), seed=seed + 2))
+    vae, vae_info = train_vae(images, variety, config, generator, device)
+    del variety
     mean, std = encode_latents(vae, images, device)
     vae_info["decoder_refinement"] = refine_decoder(vae, images, config, seed, device)
     scaling_factor = float(1 / (mean + std * torch.randn(mean.shape, generator=generator)).std())
