@@ -23,6 +23,7 @@ import torch
 from sdlora.config import TrainConfig
 from sdlora.demo import demo_model_available
 from sdlora.jobs import JobQueue, JobStatus
+from sdlora.presets import preset_values
 from sdlora.train import train
 from tests.conftest import draw_blob
 
@@ -192,8 +193,14 @@ def test_upload_a_folder_and_train_with_prior_preservation(page, server):
     expect(page.locator("#prior input")).to_be_checked()  # the Subject preset
     page.locator("#class-prompt textarea").fill("a purple shape")
     page.get_by_text("Advanced: every training option").click()
-    for elem_id, value in (("batch-size", 4), ("snr-gamma", 5), ("save-every", 40)):  # the preset's values
-        expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(str(value))
+    subject = preset_values("Subject", "demo")
+    for elem_id, field in (
+        ("batch-size", "batch_size"),
+        ("snr-gamma", "snr_gamma"),
+        ("save-every", "save_every"),
+    ):
+        value = subject[field]  # the preset's values, shown as the number field shows them
+        expect(page.locator(f"#{elem_id} input[type=number]")).to_have_value(f"{value:g}")
     for elem_id, value in (
         ("steps", TRAIN_STEPS),
         ("num-class-images", 2),
